@@ -1,0 +1,6 @@
+"""Synchronized batch normalization for Chainer across MPI processes."""
+
+from multinode_bn.functions import multi_node_batch_normalization  # NOQA
+from multinode_bn.links import MultiNodeBatchNormalization  # NOQA
+
+__version__ = '0.1.0'
