@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-NP     ?= 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: all install test test-serial test-mpi demo bench clean check-python
@@ -35,7 +34,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(VENV)/bin/mpiexec -n $(NP) $(VPY) -m mpi4py examples/train.py
+	$(VPY) examples/run_demo.py --out result
 
 bench: $(STAMP)
 	$(VENV)/bin/mpiexec -n 2 $(VPY) benchmarks/bench_bn.py
