@@ -246,10 +246,14 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         with chainer.using_config('enable_backprop', True):
             outputs = differentiable_gradients(x, gamma, gy, self.axis,
                                                self.eps, exchange)
-            targets = [(o, g) for o, g in zip(outputs, grad_outputs)
-                       if g is not None]
-            grads = chainer.grad([o for o, _ in targets], [x, gamma, gy],
-                                 grad_outputs=[g for _, g in targets],
+            # Zeros instead of missing gradients: every process must walk
+            # the same graph, or their collectives would not pair up.
+            xp = backend.get_array_module(x)
+            grad_outputs = [
+                chainer.Variable(xp.zeros(o.shape, o.dtype)) if g is None
+                else g for o, g in zip(outputs, grad_outputs)]
+            grads = chainer.grad(list(outputs), [x, gamma, gy],
+                                 grad_outputs=grad_outputs,
                                  enable_double_backprop=True)
         return tuple(grads[i] for i in indexes)
 
