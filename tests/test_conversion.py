@@ -1,0 +1,246 @@
+"""Whole-model conversion both ways, and checkpoint interchange."""
+
+import os
+import tempfile
+import warnings
+
+import numpy
+import pytest
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import chainermn
+from mpi4py import MPI
+
+import multinode_bn
+from multinode_bn import MultiNodeBatchNormalization as MNBN
+from conftest import assert_close
+
+
+class Block(chainer.Chain):
+    """conv-BN-relu-conv-BN plus a shortcut, from chainer.links only."""
+
+    def __init__(self, channels):
+        super().__init__()
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(channels, channels, 3, pad=1,
+                                         nobias=True)
+            self.bn1 = L.BatchNormalization(channels)
+            self.conv2 = L.Convolution2D(channels, channels, 3, pad=1,
+                                         nobias=True)
+            self.bn2 = L.BatchNormalization(channels)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(h)))
+
+
+class TinyResNet(chainer.Chain):
+    def __init__(self, channels=4, classes=3):
+        super().__init__()
+        with self.init_scope():
+            self.stem = chainer.Sequential(
+                L.Convolution2D(2, channels, 3, pad=1, nobias=True),
+                L.BatchNormalization(channels), F.relu)
+            self.blocks = chainer.ChainList(Block(channels), Block(channels))
+            self.head = L.Linear(channels, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(F.average(h, axis=(2, 3)))
+
+
+class Nested(chainer.Chain):
+    """Chain > ChainList > Sequential > BN, with odd names and a subclass."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.features_0 = chainer.ChainList(
+                chainer.Sequential(L.Linear(3, 4), F.relu,
+                                   L.BatchNormalization(4, eps=1e-3,
+                                                        decay=0.5)),
+                L.BatchNormalization((4,), use_gamma=False))
+            self.renorm = L.BatchRenormalization(4)
+            self.lazy = L.BatchNormalization(axis=(0, 2))
+            self.half = L.BatchNormalization(4, dtype=numpy.float64,
+                                              use_beta=False)
+
+
+def _all_bn(model, cls):
+    return [(name, link) for name, link in model.namedlinks()
+            if type(link) is cls]
+
+
+def test_nested_model_converted_everywhere_and_original_untouched():
+    model = Nested()
+    bn = model.features_0[0][2]
+    bn.gamma.array[:] = numpy.arange(4)
+    bn.avg_mean[:] = 7.0
+    bn.avg_var[:] = 2.0
+    bn.N = 5
+    with pytest.warns(UserWarning, match='BatchRenormalization'):
+        synced = multinode_bn.create_mnbn_model(model, MPI.COMM_WORLD)
+    names = [n for n, _ in _all_bn(synced, MNBN)]
+    assert sorted(names) == ['/features_0/0/1', '/features_0/1', '/half',
+                             '/lazy']
+    assert type(synced.renorm) is L.BatchRenormalization
+    assert len(_all_bn(model, L.BatchNormalization)) == 4
+    assert len(_all_bn(model, MNBN)) == 0
+    converted = synced.features_0[0][2]
+    assert converted.comm is MPI.COMM_WORLD
+    assert converted.decay == 0.5 and converted.eps == 1e-3
+    assert converted.N == 5
+    numpy.testing.assert_array_equal(converted.gamma.array, numpy.arange(4))
+    numpy.testing.assert_array_equal(converted.avg_mean, 7.0)
+    numpy.testing.assert_array_equal(converted.avg_var, 2.0)
+    assert synced.features_0[1].gamma is None
+    assert synced.half.beta is None
+    assert synced.half.avg_mean.dtype == numpy.float64
+    assert synced.lazy.avg_mean is None and synced.lazy.axis == (0, 2)
+    # independent copies: the original does not move with the copy
+    converted.gamma.array[:] = -1
+    converted.avg_mean[:] = -1
+    synced.features_0[0][0].W.array[:] = 0
+    assert (bn.gamma.array == numpy.arange(4)).all()
+    assert (bn.avg_mean == 7.0).all()
+    assert (model.features_0[0][0].W.array != 0).any()
+    assert synced.features_0[0][0].W is not model.features_0[0][0].W
+
+
+def test_single_link_is_converted_and_reverted():
+    bn = L.BatchNormalization(3)
+    synced = multinode_bn.create_mnbn_model(bn, MPI.COMM_WORLD)
+    assert type(synced) is MNBN
+    back = multinode_bn.revert_mnbn_model(synced)
+    assert type(back) is L.BatchNormalization
+    assert synced.comm is MPI.COMM_WORLD
+
+
+def test_round_trip_reproduces_eval_outputs_bit_for_bit():
+    rng = numpy.random.RandomState(0)
+    model = TinyResNet()
+    for _, link in _all_bn(model, L.BatchNormalization):
+        link.avg_mean[:] = rng.randn(*link.avg_mean.shape)
+        link.avg_var[:] = rng.rand(*link.avg_var.shape) + 0.5
+        link.gamma.array[:] = rng.rand(*link.gamma.shape) + 0.5
+        link.beta.array[:] = rng.randn(*link.beta.shape)
+    back = multinode_bn.revert_mnbn_model(
+        multinode_bn.create_mnbn_model(model, MPI.COMM_WORLD))
+    assert len(_all_bn(back, L.BatchNormalization)) == 5
+    x = rng.randn(3, 2, 6, 6).astype(numpy.float32)
+    with chainer.using_config('train', False):
+        numpy.testing.assert_array_equal(model(x).array, back(x).array)
+
+
+def _train(model, comm, batches, labels, steps, lr=0.1):
+    optimizer = chainer.optimizers.SGD(lr)
+    optimizer.setup(model)
+    for step in range(steps):
+        model.cleargrads()
+        loss = F.softmax_cross_entropy(model(batches[step]), labels[step])
+        loss.backward()
+        if comm is not None:
+            # The data-parallel mean of gradients, as ChainerMN's
+            # multi-node optimizer does from its second update on.
+            comm.multi_node_mean_grad(model)
+        optimizer.update()
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_converted_model_trained_under_mpi_equals_single_process_training():
+    world = MPI.COMM_WORLD
+    comm = chainermn.create_communicator('naive')
+    per_rank, steps = 2, 3
+    rng = numpy.random.RandomState(1)
+    xs = rng.randn(steps, per_rank * world.size, 2, 6, 6).astype(numpy.float32)
+    ts = rng.randint(0, 3, size=(steps, per_rank * world.size)).astype(
+        numpy.int32)
+    numpy.random.seed(2)
+    original = TinyResNet()
+    synced = multinode_bn.create_mnbn_model(original, comm)
+    _train(original, None, xs, ts, steps)
+    mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
+    _train(synced, comm, xs[:, mine], ts[:, mine], steps)
+
+    for (name, p), (_, q) in zip(sorted(original.namedparams()),
+                                 sorted(synced.namedparams())):
+        assert_close(q.array, p.array, 1e-4, 1e-5, 'param ' + name)
+    theirs_bn = dict(_all_bn(original, L.BatchNormalization))
+    for name, link in _all_bn(synced, MNBN):
+        assert_close(link.avg_mean, theirs_bn[name].avg_mean, 1e-4, 1e-5,
+                     name + ' avg_mean')
+        assert_close(link.avg_var, theirs_bn[name].avg_var, 1e-4, 1e-5,
+                     name + ' avg_var')
+
+    reverted = multinode_bn.revert_mnbn_model(synced)
+    test_x = rng.randn(4, 2, 6, 6).astype(numpy.float32)
+    with chainer.using_config('train', False):
+        assert_close(reverted(test_x).array, original(test_x).array,
+                     1e-4, 1e-5, 'eval after revert')
+
+
+def _bn_chain(bn):
+    chain = chainer.Chain()
+    with chain.init_scope():
+        chain.bn = bn
+    return chain
+
+
+def _fill(bn, seed):
+    rng = numpy.random.RandomState(seed)
+    bn.gamma.array[:] = rng.rand(4)
+    bn.beta.array[:] = rng.rand(4)
+    bn.avg_mean[:] = rng.rand(4)
+    bn.avg_var[:] = rng.rand(4) + 1
+    bn.N = seed
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'hdf5'])
+def test_checkpoints_interchange_with_chainer_and_chainermn_links(fmt):
+    if fmt == 'hdf5':
+        pytest.importorskip('h5py')
+    save = getattr(chainer.serializers, 'save_' + fmt)
+    load = getattr(chainer.serializers, 'load_' + fmt)
+    comm = chainermn.create_communicator('naive')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        makers = {
+            'chainer': lambda: L.BatchNormalization(4),
+            'ours': lambda: MNBN(4, comm),
+            'chainermn': lambda: chainermn.links.MultiNodeBatchNormalization(
+                4, comm),
+        }
+        for seed, (src_name, src_make) in enumerate(makers.items(), 1):
+            src = _bn_chain(src_make())
+            _fill(src.bn, seed)
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, 'model.' + fmt)
+                save(path, src)
+                for dst_name, dst_make in makers.items():
+                    dst = _bn_chain(dst_make())
+                    load(path, dst)
+                    for attr in ('avg_mean', 'avg_var'):
+                        numpy.testing.assert_array_equal(
+                            getattr(dst.bn, attr), getattr(src.bn, attr),
+                            err_msg='{} -> {}'.format(src_name, dst_name))
+                    for attr in ('gamma', 'beta'):
+                        numpy.testing.assert_array_equal(
+                            getattr(dst.bn, attr).array,
+                            getattr(src.bn, attr).array)
+                    assert int(dst.bn.N) == seed
+
+
+def test_revert_also_accepts_chainermn_links():
+    comm = chainermn.create_communicator('naive')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        theirs = chainermn.links.MultiNodeBatchNormalization(4, comm)
+    _fill(theirs, 3)
+    back = multinode_bn.revert_mnbn_model(_bn_chain(theirs))
+    assert type(back.bn) is L.BatchNormalization
+    numpy.testing.assert_array_equal(back.bn.avg_var, theirs.avg_var)
+    assert back.bn.N == 3
