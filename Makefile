@@ -30,8 +30,17 @@ $(STAMP): pyproject.toml Makefile | check-python
 
 install: $(STAMP)
 
+# Single-process tests first, then every MPI test under 2 and 3 ranks.
+# Each rank runs its own pytest; a failure on any rank makes mpiexec exit
+# non-zero, and a hang is cut by pytest-timeout's thread method, which ends
+# the process and with it the job.
+PYTEST     := $(VPY) -m pytest -p no:cacheprovider
+MPI_PYTEST := $(PYTEST) -q --no-header --timeout=240 --timeout-method=thread
+
 test: $(STAMP)
-	$(VPY) -m pytest -p no:cacheprovider tests
+	$(PYTEST) tests -m 'parallel[1]'
+	$(VENV)/bin/mpiexec -n 2 $(MPI_PYTEST) tests -m 'parallel[2]'
+	$(VENV)/bin/mpiexec -n 3 $(MPI_PYTEST) tests -m 'parallel[3]'
 
 demo: $(STAMP)
 	$(VPY) examples/run_demo.py --out result

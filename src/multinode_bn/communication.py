@@ -19,9 +19,14 @@ Two exchanges exist:
   in buffers allocated once per link and reused.
 """
 
+import os
+import sys
+import time
+
 import numpy
 
 from multinode_bn import statistics
+from multinode_bn import validation
 
 BACKENDS = ('mpi', 'nccl', 'auto')
 
@@ -97,10 +102,108 @@ def create_exchange(comm, backend):
     return MpiStatsExchange(comm)
 
 
+class StallPolicy(object):
+    """How long a process waits in an exchange before it says so.
+
+    Args:
+        timeout (float or None): Seconds before a waiting process prints one
+            line naming the link, its call count and what it sent. ``None``
+            or ``0`` disables the report.
+        action (str): ``'report'`` (print, then keep waiting) or ``'raise'``
+            (print, then raise :class:`StallError`).
+        stream: Where the line goes (default ``sys.stderr``).
+    """
+
+    def __init__(self, timeout=60.0, action='report', stream=None):
+        if action not in ('report', 'raise'):
+            raise ValueError("action must be 'report' or 'raise'; got "
+                             '{!r}'.format(action))
+        self.timeout = float(timeout) if timeout else None
+        self.action = action
+        self.stream = stream
+
+    @classmethod
+    def from_environment(cls, environ=os.environ):
+        """From ``MULTINODE_BN_STALL_TIMEOUT`` (seconds; ``0``/``off``
+        disables; default 60) and ``MULTINODE_BN_STALL_ACTION``."""
+        raw = environ.get('MULTINODE_BN_STALL_TIMEOUT', '60').strip().lower()
+        timeout = None if raw in ('', '0', 'off', 'none', 'no') else float(raw)
+        return cls(timeout, environ.get('MULTINODE_BN_STALL_ACTION',
+                                        'report').strip().lower())
+
+
+class StallError(RuntimeError):
+    """An exchange did not complete in time (with ``action='raise'``)."""
+
+
+_stall_policy = [StallPolicy.from_environment()]
+
+
+def set_stall_policy(timeout=60.0, action='report', stream=None):
+    """Sets how long exchanges wait before reporting a stall.
+
+    Args:
+        timeout (float or None): Seconds; ``None`` or ``0`` disables.
+        action (str): ``'report'`` or ``'raise'``.
+        stream: Where the report goes (default ``sys.stderr``).
+
+    Returns:
+        StallPolicy: The previous policy, to restore it later.
+    """
+    previous = _stall_policy[0]
+    _stall_policy[0] = StallPolicy(timeout, action, stream)
+    return previous
+
+
+def get_stall_policy():
+    """The :class:`StallPolicy` in effect."""
+    return _stall_policy[0]
+
+
+def wait(request, rank, describe, policy=None):
+    """Completes a non-blocking collective, reporting a stall.
+
+    Spins on ``Test`` (the exchange is usually done within microseconds),
+    then yields the processor so that oversubscribed processes can run.
+    """
+    policy = policy or _stall_policy[0]
+    start = time.monotonic()
+    spins = 0
+    reported = False
+    while not request.Test():
+        spins += 1
+        if spins < 2000:
+            continue
+        now = time.monotonic()
+        if now - start > 0.01:
+            time.sleep(0.0002)
+        else:
+            time.sleep(0)
+        if (policy.timeout and not reported
+                and now - start > policy.timeout):
+            reported = True
+            line = ('multinode_bn: rank {} has waited {:.0f} s in {}; the '
+                    'other processes have not joined (a branch that calls '
+                    'batch normalization on some ranks only?)'.format(
+                        rank, now - start, describe()))
+            print(line, file=policy.stream or sys.stderr, flush=True)
+            if policy.action == 'raise':
+                raise StallError(line)
+
+
 def _merge_moments_op(inbuf, inoutbuf, datatype):
     a = numpy.frombuffer(inbuf, dtype=numpy.float64).reshape(-1, 3)
     b = numpy.frombuffer(inoutbuf, dtype=numpy.float64).reshape(-1, 3)
-    statistics.merge_moments(numpy, a, b, out=b)
+    # Header rows carry a negative count and are plain sums; MPI may hand
+    # this function any slice of the buffer, so rows are told apart by
+    # content, not position.
+    header = a[:, 0] < 0
+    if header.any():
+        summed = a[header] + b[header]
+        statistics.merge_moments(numpy, a, b, out=b)
+        b[header] = summed
+    else:
+        statistics.merge_moments(numpy, a, b, out=b)
 
 
 class _MpiHandles(object):
@@ -140,25 +243,51 @@ class MpiStatsExchange(object):
         # A communicator is a process-wide resource: copies share it.
         return self
 
-    def allreduce_moments(self, moments):
-        """Global ``(count, mean, m2)`` per channel, from a ``(C, 3)`` float64 array."""
+    def allreduce_moments(self, moments, header=None, describe=str):
+        """Global ``(count, mean, m2)`` per channel, from a ``(C, 3)`` float64 array.
+
+        Args:
+            moments: Local moments, ``(C, 3)`` float64.
+            header: Optional float64 vector of even length, summed over
+                processes in the same collective (the in-band input check
+                of :mod:`multinode_bn.validation`).
+            describe: Returns what this call is, for a stall report.
+
+        Returns:
+            tuple: Global moments and the summed header (or ``None``).
+        """
         if self.size == 1:
-            return moments
+            return moments, header
         host = _to_host(moments)
+        if header is not None:
+            rows = numpy.empty((len(header) // 2, 3))
+            rows[:, 0] = -1.0
+            rows[:, 1:] = numpy.reshape(header, (-1, 2))
+            host = numpy.concatenate([rows, host])
         triple, merge = _MpiHandles.get()
         out = numpy.empty_like(host)
-        self.mpi_comm.Allreduce([host, host.shape[0], triple],
-                                [out, out.shape[0], triple], op=merge)
-        return _like(moments, out)
+        request = self.mpi_comm.Iallreduce([host, host.shape[0], triple],
+                                           [out, out.shape[0], triple],
+                                           op=merge)
+        wait(request, self.rank, describe)
+        if header is None:
+            return _like(moments, out), None
+        n = len(header) // 2
+        return _like(moments, out[n:]), out[:n, 1:].ravel()
 
-    def allreduce_sum(self, buf):
+    def allreduce_sum(self, buf, describe=str):
         """Elementwise sum over ranks of a float64 array."""
         if self.size == 1:
             return buf
         host = numpy.ascontiguousarray(_to_host(buf), dtype=numpy.float64)
         out = numpy.empty_like(host)
-        self.mpi_comm.Allreduce(host, out, op=_mpi().SUM)
+        request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
+        wait(request, self.rank, describe)
         return _like(buf, out)
+
+    def allgather_header(self, header, describe=str):
+        """Every process's :mod:`~multinode_bn.validation` header, ``(size, HEADER_LEN)``."""
+        return _allgather_header(self, header, describe)
 
 
 class NcclStatsExchange(object):
@@ -204,18 +333,44 @@ class NcclStatsExchange(object):
                                       stream.ptr)
         return buf.reshape(arr.shape).copy()
 
-    def allreduce_moments(self, moments):
-        if self.size == 1:
-            return moments
-        import cupy
-        sums = statistics.moments_to_sums(cupy, cupy.asarray(moments))
-        return statistics.sums_to_moments(cupy, self._allreduce_device(sums))
+    def allgather_header(self, header, describe=str):
+        return _allgather_header(self, header, describe)
 
-    def allreduce_sum(self, buf):
+    def allreduce_moments(self, moments, header=None, describe=str):
+        if self.size == 1:
+            return moments, header
+        import cupy
+        sums = statistics.moments_to_sums(cupy, cupy.asarray(moments)).ravel()
+        if header is not None:
+            sums = cupy.concatenate([sums, cupy.asarray(header,
+                                                        numpy.float64)])
+        summed = self._allreduce_device(sums)
+        n = moments.shape[0] * 3
+        merged = statistics.sums_to_moments(cupy, summed[:n].reshape(-1, 3))
+        if header is None:
+            return merged, None
+        return merged, cupy.asnumpy(summed[n:])
+
+    def allreduce_sum(self, buf, describe=str):
         if self.size == 1:
             return buf
         import cupy
         return self._allreduce_device(cupy.asarray(buf, dtype=numpy.float64))
+
+
+def _allgather_header(exchange, header, describe):
+    # Headers are small host arrays of a fixed size on every process, also
+    # on the NCCL backend, so this exchange can neither truncate nor hang
+    # on a size mismatch.
+    out = numpy.empty((exchange.size, validation.HEADER_LEN),
+                      dtype=numpy.int64)
+    if exchange.size == 1:
+        out[0] = header
+        return out
+    request = exchange.mpi_comm.Iallgather(
+        numpy.ascontiguousarray(header, dtype=numpy.int64), out)
+    wait(request, exchange.rank, describe)
+    return out
 
 
 def _to_host(a):

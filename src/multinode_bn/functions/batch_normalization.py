@@ -21,6 +21,7 @@ import chainerx
 
 from multinode_bn import communication
 from multinode_bn import statistics
+from multinode_bn import validation
 
 
 def get_communication_backend(comm, communication_backend='auto'):
@@ -59,10 +60,17 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
     Args:
         exchange: A statistics exchange from
             :func:`multinode_bn.communication.create_exchange`.
+        selector (MultiNodeBNImplSelector): Owner of the per-call input
+            check that travels with the statistics.
     """
 
-    def __init__(self, exchange):
+    def __init__(self, exchange, selector):
         self.exchange = exchange
+        self.selector = selector
+
+    def _debug_check(self, local, stage):
+        if chainer.is_debug():
+            self.selector.check_finite(local, stage)
 
     def forward(self, axis, gamma, x, x_layout, xp, expander,
                 beta, eps, decay, running_mean, running_var):
@@ -70,7 +78,8 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         x3 = statistics.reduced_view(x, axis)
         moments, centred, shift = statistics.local_moments(xp, x3,
                                                            interm_dtype)
-        moments = self.exchange.allreduce_moments(moments)
+        self._debug_check(moments, 'forward')
+        moments = self.selector.exchange_moments(moments)
 
         count = moments[0, 0]
         mean = moments[:, 1]
@@ -102,7 +111,9 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         gy3 = statistics.reduced_view(gy, axis)
         sums, centred, shift = statistics.backward_sums(
             xp, gy3, x3, forward_data.mean, interm_dtype)
-        sums = self.exchange.allreduce_sum(sums)
+        self._debug_check(sums, 'backward')
+        sums = self.exchange.allreduce_sum(
+            sums, lambda: self.selector.describe('backward'))
 
         inv_std64 = forward_data.inv_std
         a, b, c = statistics.input_gradient_coefficients(
@@ -149,11 +160,14 @@ def _update_running(running_mean, running_var, mean, var, count, decay,
 class MultiNodeBNImplSelector(object):
     """The ``impl_selector`` handed to Chainer's ``BatchNormalization``.
 
+    It also owns what one synchronized BN remembers between calls: the
+    statistics exchange, the input signatures already checked across
+    processes, a label and a call count for error and stall reports.
+
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
             share batch statistics.
-        communication_backend_name (str): ``'mpi'`` or ``'nccl'`` (as
-            returned by :func:`get_communication_backend`).
+        communication_backend_name (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
     """
 
     def __init__(self, comm, communication_backend_name):
@@ -162,14 +176,107 @@ class MultiNodeBNImplSelector(object):
         self.comm = comm
         self.communication_backend_name = backend_name
         self.exchange = communication.create_exchange(comm, backend_name)
-        self._impl = MultiNodeBNImpl(self.exchange)
-
-    def __deepcopy__(self, memo):
-        # Stateless apart from the communicator, which copies share.
-        return self
+        self.label = 'MultiNodeBatchNormalization'
+        self.calls = 0
+        # Until one header exchange has passed, processes may not even agree
+        # on the size of the statistics buffer.
+        self._agreed = False
+        self._impl = MultiNodeBNImpl(self.exchange, self)
+        self._what = ''
+        self._header = None
+        self._digests = (0, 0)
+        self._problem = validation.OK
 
     def __call__(self, batch_norm_func, inputs):
         return self._impl
+
+    def describe(self, stage='forward'):
+        """What the current call is, for stall and error reports."""
+        return '{} exchange of {} (call {}, {})'.format(
+            stage, self.label, self.calls, self._what)
+
+    def prepare(self, x, gamma, beta, axis):
+        """Counts the call and checks the input across processes.
+
+        The first call (and every call in debug mode) exchanges a small
+        fixed-size header describing each process's input. Later calls check
+        the same description inside the statistics exchange itself, at no
+        extra collective. Either way a problem on any process raises the same
+        :class:`~multinode_bn.validation.InconsistentInputError` on all of
+        them, before anything is computed or updated.
+        """
+        self.calls += 1
+        x_arr, g_arr, b_arr = (_array_of(v) for v in (x, gamma, beta))
+        if isinstance(axis, int):
+            axis = (axis,)
+        axis = tuple(_bn._compute_axis(x_arr.ndim, g_arr.ndim, axis))
+        x_device, p_device = _device_kind(x_arr), _device_kind(g_arr)
+        self._what = 'x {} {}'.format(x_arr.dtype, x_arr.shape)
+        self._problem = validation.local_problem(
+            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
+            axis, self.communication_backend_name, x_device, p_device)
+        self._header = validation.encode_header(
+            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
+            self.communication_backend_name, x_device, self._problem)
+        self._digests = validation.signature_digests(
+            validation.agreeing_part(self._header))
+        if not self._agreed or chainer.is_debug():
+            self._check_headers()
+            self._agreed = True
+        elif self._problem:
+            # Take part in this call's statistics exchange all the same, so
+            # that every process learns of the problem in one collective.
+            xp = backend.get_array_module(g_arr)
+            self.exchange_moments(xp.zeros((g_arr.size, 3),
+                                           statistics.MOMENTS_DTYPE))
+
+    def _check_headers(self):
+        headers = self.exchange.allgather_header(
+            self._header, lambda: self.describe('input check'))
+        validation.check_headers(headers, self.exchange.rank, self.label)
+
+    def exchange_moments(self, moments):
+        """Global moments; raises on every process if any input was bad."""
+        header = validation.inband_header(self._digests, self._problem)
+        merged, summed = self.exchange.allreduce_moments(
+            moments, header, lambda: self.describe('forward'))
+        if not validation.inband_agrees(summed):
+            self._agreed = False
+            self._check_headers()  # raises the detailed error
+            raise validation.InconsistentInputError(
+                '{} (raised on rank {}): processes fed call {} inputs that '
+                'disagree.'.format(self.label, self.exchange.rank,
+                                   self.calls))
+        return merged
+
+    def check_finite(self, local, stage):
+        """Debug mode: every process raises if any sent non-finite values."""
+        xp = backend.get_array_module(local)
+        finite = bool(xp.isfinite(local).all())
+        header = validation.encode_header((), numpy.float64, (),
+                                          numpy.float64, (), 'mpi', 'cpu',
+                                          nonfinite=not finite)
+        headers = self.exchange.allgather_header(
+            header, lambda: self.describe(stage + ' debug check'))
+        bad = validation.nonfinite_ranks(headers)
+        if bad:
+            raise FloatingPointError(
+                '{}: non-finite {} statistics from rank(s) {} (call {}, '
+                'raised on rank {}). Check the input of those ranks.'.format(
+                    self.label, stage, ', '.join(map(str, bad)), self.calls,
+                    self.exchange.rank))
+
+
+def _array_of(v):
+    return v.array if isinstance(v, chainer.Variable) else v
+
+
+def _device_kind(a):
+    if isinstance(a, numpy.ndarray):
+        return 'cpu'
+    if type(a).__module__.startswith('cupy'):
+        return 'gpu'
+    return 'other'
 
 
 _ONE_SAMPLE_WARNING = 'A batch with no more than one sample'
@@ -368,6 +475,7 @@ def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
         selector = comm
     else:
         selector = MultiNodeBNImplSelector(comm, communication_backend)
+    selector.prepare(x, gamma, beta, axis)
     func = MultiNodeBatchNormalizationFunction(
         selector, eps=eps, mean=running_mean, var=running_var, decay=decay,
         axis=axis)

@@ -83,15 +83,24 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
         self._impl_selector = selector
 
     @property
+    def label(self):
+        """How error and stall reports name this link (its path in the
+        model after :func:`~multinode_bn.create_mnbn_model`)."""
+        return self._impl_selector.label
+
+    @label.setter
+    def label(self, value):
+        self._impl_selector.label = value
+
+    @property
     def communication_backend(self):
         """The backend in use: ``'mpi'`` or ``'nccl'``."""
         return self._impl_selector.communication_backend_name
 
     def __deepcopy__(self, memo):
         # The communicator (and the exchange built on it) is shared by
-        # copies; everything else is copied as usual.
+        # copies; everything else, call counts included, is copied.
         memo[id(self.comm)] = self.comm
-        memo[id(self._impl_selector)] = self._impl_selector
         cls = type(self)
         new = cls.__new__(cls)
         memo[id(self)] = new

@@ -44,9 +44,12 @@ def create_mnbn_model(link, comm, communication_backend='auto'):
 
     def convert(child, path):
         if type(child) is L.BatchNormalization:
-            return _transplant(child, MultiNodeBatchNormalization(
-                _size_of(child), comm, communication_backend=communication_backend,
-                **_config_of(child)))
+            synced = MultiNodeBatchNormalization(
+                _size_of(child), comm,
+                communication_backend=communication_backend,
+                **_config_of(child))
+            synced.label = path or '/'
+            return _transplant(child, synced)
         if (isinstance(child, L.BatchNormalization)
                 and not isinstance(child, MultiNodeBatchNormalization)):
             warnings.warn(
