@@ -183,6 +183,7 @@ class MultiNodeBNImplSelector(object):
         self._agreed = False
         self._impl = MultiNodeBNImpl(self.exchange, self)
         self._what = ''
+        self._described = {}
         self._header = None
         self._digests = (0, 0)
         self._problem = validation.OK
@@ -207,19 +208,15 @@ class MultiNodeBNImplSelector(object):
         """
         self.calls += 1
         x_arr, g_arr, b_arr = (_array_of(v) for v in (x, gamma, beta))
-        if isinstance(axis, int):
-            axis = (axis,)
-        axis = tuple(_bn._compute_axis(x_arr.ndim, g_arr.ndim, axis))
-        x_device, p_device = _device_kind(x_arr), _device_kind(g_arr)
-        self._what = 'x {} {}'.format(x_arr.dtype, x_arr.shape)
-        self._problem = validation.local_problem(
-            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
-            axis, self.communication_backend_name, x_device, p_device)
-        self._header = validation.encode_header(
-            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
-            self.communication_backend_name, x_device, self._problem)
-        self._digests = validation.signature_digests(
-            validation.agreeing_part(self._header))
+        key = (x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype,
+               b_arr.dtype, axis, type(x_arr), type(g_arr))
+        described = self._described.get(key)
+        if described is None:
+            described = self._describe_input(x_arr, g_arr, b_arr, axis)
+            if len(self._described) > 64:
+                self._described.clear()
+            self._described[key] = described
+        self._what, self._problem, self._header, self._digests = described
         if not self._agreed or chainer.is_debug():
             self._check_headers()
             self._agreed = True
@@ -229,6 +226,22 @@ class MultiNodeBNImplSelector(object):
             xp = backend.get_array_module(g_arr)
             self.exchange_moments(xp.zeros((g_arr.size, 3),
                                            statistics.MOMENTS_DTYPE))
+
+    def _describe_input(self, x_arr, g_arr, b_arr, axis):
+        if isinstance(axis, int):
+            axis = (axis,)
+        axis = tuple(_bn._compute_axis(x_arr.ndim, g_arr.ndim, axis))
+        x_device, p_device = _device_kind(x_arr), _device_kind(g_arr)
+        problem = validation.local_problem(
+            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
+            axis, self.communication_backend_name, x_device, p_device)
+        header = validation.encode_header(
+            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
+            self.communication_backend_name, x_device, problem)
+        digests = validation.signature_digests(
+            validation.agreeing_part(header))
+        what = 'x {} {}'.format(x_arr.dtype, x_arr.shape)
+        return what, problem, header, digests
 
     def _check_headers(self):
         headers = self.exchange.allgather_header(
