@@ -128,6 +128,7 @@ class InconsistentInputError(ValueError):
 
 
 def agreeing_part(h):
+    """The part of a header that must be equal on every process."""
     # The reduced axes may differ in length between processes (batch size,
     # image size): the counts travel with the statistics. All else must
     # agree.
