@@ -16,7 +16,9 @@ Two exchanges exist:
   memory (the buffers are O(channels), not O(batch)).
 * :class:`NcclStatsExchange` allreduces device buffers with the NCCL
   communicator of ChainerMN's ``PureNcclCommunicator`` on the current stream,
-  in buffers allocated once per link and reused.
+  in buffers allocated once per link and reused. Nothing waits for the
+  device: the few numbers of the in-band input check are summed on the host
+  by MPI, before NCCL sees a buffer.
 """
 
 import os
@@ -296,7 +298,15 @@ class NcclStatsExchange(object):
     Moments travel as ``(count, sum, sum of squares)`` sums in float64
     (NCCL has no user-defined reductions); see
     :func:`~multinode_bn.statistics.moments_to_sums` for the precision this
-    keeps. Device buffers are allocated once per buffer size and reused.
+    keeps. Device buffers are allocated once per device, stream and size,
+    and reused.
+
+    The in-band input check of the forward (six float64 numbers) is summed
+    on the host with MPI, not appended to the NCCL buffer: reading it back
+    from the device would wait for every kernel queued before it, and
+    processes whose inputs disagree (possibly in the buffer size) learn it
+    before NCCL is handed buffers of different sizes. The host collective
+    runs while the device still computes the local moments.
     """
 
     backend = 'nccl'
@@ -315,13 +325,18 @@ class NcclStatsExchange(object):
 
     def _buffer(self, n):
         import cupy
-        buf = self._buffers.get(n)
-        if buf is None or buf.device.id != cupy.cuda.Device().id:
+        # Per stream as well: a buffer still read by kernels queued on one
+        # stream must not be overwritten from another.
+        key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr, n)
+        buf = self._buffers.get(key)
+        if buf is None:
             buf = cupy.empty(n, dtype=numpy.float64)
-            self._buffers[n] = buf
+            self._buffers[key] = buf
         return buf
 
     def _allreduce_device(self, arr):
+        """``arr`` summed over processes, in the reused buffer of its size:
+        valid until the next exchange of that size on this stream."""
         import cupy
         from cupy.cuda import nccl
         self.comm._init_comms()
@@ -331,31 +346,45 @@ class NcclStatsExchange(object):
         self.comm.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size,
                                       nccl.NCCL_FLOAT64, nccl.NCCL_SUM,
                                       stream.ptr)
-        return buf.reshape(arr.shape).copy()
+        return buf.reshape(arr.shape)
+
+    def _sum_header(self, header, describe):
+        """The in-band header summed over processes, on the host."""
+        host = numpy.ascontiguousarray(header, dtype=numpy.float64)
+        out = numpy.empty_like(host)
+        request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
+        wait(request, self.rank, describe)
+        return out
 
     def allgather_header(self, header, describe=str):
         return _allgather_header(self, header, describe)
 
     def allreduce_moments(self, moments, header=None, describe=str):
+        """See :meth:`MpiStatsExchange.allreduce_moments`; the summed
+        header is a host array."""
         if self.size == 1:
             return moments, header
         import cupy
-        sums = statistics.moments_to_sums(cupy, cupy.asarray(moments)).ravel()
+        summed_header = None
         if header is not None:
-            sums = cupy.concatenate([sums, cupy.asarray(header,
-                                                        numpy.float64)])
+            summed_header = self._sum_header(header, describe)
+            if not validation.inband_agrees(summed_header):
+                # Every process reads the same sums, so all of them skip
+                # the device collective, and the caller raises.
+                return moments, summed_header
+        sums = statistics.moments_to_sums(cupy, cupy.asarray(moments))
         summed = self._allreduce_device(sums)
-        n = moments.shape[0] * 3
-        merged = statistics.sums_to_moments(cupy, summed[:n].reshape(-1, 3))
-        if header is None:
-            return merged, None
-        return merged, cupy.asnumpy(summed[n:])
+        # sums_to_moments writes new arrays: the buffer is free again.
+        return statistics.sums_to_moments(cupy, summed), summed_header
 
     def allreduce_sum(self, buf, describe=str):
+        """Elementwise sum over ranks of a float64 device array (a new
+        array: callers may keep it past the next exchange)."""
         if self.size == 1:
             return buf
         import cupy
-        return self._allreduce_device(cupy.asarray(buf, dtype=numpy.float64))
+        return self._allreduce_device(
+            cupy.asarray(buf, dtype=numpy.float64)).copy()
 
 
 def _allgather_header(exchange, header, describe):
