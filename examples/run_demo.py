@@ -92,6 +92,12 @@ def run_setting(setting, seed, args, mpiexec):
         sys.exit('run_demo.py: {} (seed {}) failed with exit status {}; '
                  'last lines of {}:\n{}'.format(
                      label, seed, code, log_path, ''.join(tail)))
+    with open(log_path) as log:
+        # Each process's own line per epoch shows the link at work on
+        # every rank.
+        for line in log:
+            if line.startswith('rank '):
+                print('    ' + line.rstrip())
     with open(os.path.join(out, 'accuracy.json')) as f:
         result = json.load(f)
     result.update(label=label, seconds=seconds, log=log_path)
