@@ -110,7 +110,8 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         x3 = statistics.reduced_view(x, axis)
         gy3 = statistics.reduced_view(gy, axis)
         sums, centred, shift = statistics.backward_sums(
-            xp, gy3, x3, forward_data.mean, interm_dtype)
+            xp, gy3, x3, forward_data.mean, interm_dtype,
+            inv_std=forward_data.inv_std)
         self._debug_check(sums, 'backward')
         sums = self.exchange.allreduce_sum(
             sums, lambda: self.selector.describe('backward'))

@@ -1,0 +1,382 @@
+"""Forward + backward time of synchronized batch normalization on CPU.
+
+Run from the repository root::
+
+    mpiexec -n 2 python benchmarks/bench_bn.py            # under a minute
+    mpiexec -n 2 python benchmarks/bench_bn.py --quick    # smoke run
+
+For each per-rank shape it times one training iteration (forward, then
+``y.backward()``) of
+
+* ``multinode_bn.MultiNodeBatchNormalization`` over ``MPI.COMM_WORLD``,
+* ChainerMN's ``chainermn.links.MultiNodeBatchNormalization`` over
+  ``chainermn.create_communicator('naive')``,
+* Chainer's local ``chainer.links.BatchNormalization`` (no communication),
+
+and prints the ratios against the targets, the MPI collectives our link
+issues, evaluation mode and a one-process communicator, the cost of one
+collective alone, the memory-traffic floor and the peak temporary memory.
+Only rank 0 prints. This is a measurement, not a test: nothing fails when
+a target is missed.
+
+Every timed iteration starts after ``Barrier()``; the three links are
+interleaved iteration by iteration, so a load change on a shared machine
+hits all of them alike. An iteration's time is the slowest rank's (what a
+data-parallel step waits for); the table shows the median over iterations.
+"""
+
+import argparse
+import os
+import sys
+import time
+import tracemalloc
+import warnings
+
+import numpy
+
+import chainer
+import chainer.links as L
+import chainermn
+from mpi4py import MPI
+
+try:
+    import multinode_bn
+except ImportError:  # run from a checkout without ``pip install -e .``
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'src'))
+    import multinode_bn
+
+warnings.filterwarnings('ignore', category=FutureWarning)  # chainermn MNBN
+
+SHAPES = [(16, 64, 32, 32), (32, 256, 14, 14), (256, 1024)]
+# Targets: (ours / ChainerMN, ours / local L.BatchNormalization).
+TARGETS = {4: (0.5, 0.7), 2: (0.7, None)}
+
+COLLECTIVES = (
+    'Allreduce', 'allreduce', 'Iallreduce', 'Allgather', 'allgather',
+    'Iallgather', 'Allgatherv', 'Iallgatherv', 'Bcast', 'bcast', 'Ibcast',
+    'Reduce', 'reduce', 'Gather', 'gather', 'Scatter', 'scatter', 'Alltoall',
+    'alltoall', 'Reduce_scatter', 'Scan', 'Exscan', 'Barrier', 'barrier',
+    'Ibarrier', 'Send', 'Recv', 'send', 'recv', 'Isend', 'Irecv', 'Sendrecv')
+
+
+class Counting(MPI.Intracomm):
+    """``Counting(MPI.COMM_WORLD)``: the same communicator, counting calls."""
+
+    def __new__(cls, comm):
+        return super().__new__(cls, comm)
+
+    def __init__(self, comm):
+        super().__init__()
+        self.calls = []
+
+
+def _counted(name):
+    def method(self, *args, **kwargs):
+        self.calls.append(name)
+        return getattr(MPI.Intracomm, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in COLLECTIVES:
+    if hasattr(MPI.Intracomm, _name):
+        setattr(Counting, _name, _counted(_name))
+
+
+def say(*args):
+    if MPI.COMM_WORLD.rank == 0:
+        print(*args, flush=True)
+
+
+class Case(object):
+    """One link with its own input variable and upstream gradient."""
+
+    def __init__(self, name, link, x, gy):
+        self.name = name
+        self.link = link
+        self.xv = chainer.Variable(x)
+        self.gy = gy
+        self.times = []
+
+    def train_step(self):
+        self.link.cleargrads()
+        self.xv.cleargrad()
+        y = self.link(self.xv)
+        y.grad = self.gy
+        y.backward()
+        return y
+
+    def eval_step(self):
+        with chainer.using_config('train', False):
+            return self.link(self.xv)
+
+
+def timed(step, world):
+    world.Barrier()
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(cases, step_name, iters, warmup, world):
+    """Median over iterations of the slowest rank's time, per case (s)."""
+    for case in cases:
+        case.times = []
+    for i in range(warmup + iters):
+        for case in cases:
+            t = timed(getattr(case, step_name), world)
+            if i >= warmup:
+                case.times.append(t)
+    medians = []
+    for case in cases:
+        slowest = numpy.max(world.allgather(case.times), axis=0)
+        medians.append(float(numpy.median(slowest)))
+    return medians
+
+
+def copy_bandwidth(world, nbytes, repeats):
+    """Bytes moved per second (read + write) by ``numpy.copyto``, all ranks
+    copying at once."""
+    src = numpy.ones(nbytes // 4, dtype=numpy.float32)
+    dst = numpy.empty_like(src)
+    numpy.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        times.append(timed(lambda: numpy.copyto(dst, src), world))
+    slowest = numpy.max(world.allgather(times), axis=0)
+    return 2 * src.nbytes / float(numpy.median(slowest))
+
+
+def count_collectives(make_link, x, gy, train=True):
+    """Collectives issued by one forward and one backward of a link."""
+    comm = Counting(MPI.COMM_WORLD)
+    link = make_link(comm)
+    case = Case('', link, x, gy)
+    case.train_step()  # first call: parameter init, MPI op creation
+    comm.calls = []
+    link.cleargrads()
+    case.xv.cleargrad()
+    with chainer.using_config('train', train):
+        y = link(case.xv)
+    forward = list(comm.calls)
+    comm.calls = []
+    if train:
+        y.grad = gy
+        y.backward()
+    return forward, list(comm.calls)
+
+
+def peak_temporary_bytes(case):
+    """tracemalloc peak of one forward + backward, above what was live."""
+    case.train_step()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        y = case.train_step()
+        _, peak = tracemalloc.get_traced_memory()
+        del y
+    finally:
+        tracemalloc.stop()
+    return peak - before
+
+
+def collective_costs(world, channel_counts, iters):
+    """Median time (slowest rank) of the collectives alone, per call.
+
+    Our exchange (forward: moments merged by the user-defined operation;
+    backward: float64 sums) against what ChainerMN's link issues per
+    direction (a blocking ``Allreduce`` of ``2 C`` float32 values).
+    """
+    from multinode_bn import communication
+    exchange = communication.create_exchange(world, 'mpi')
+    rows = []
+    for channels in channel_counts:
+        moments = numpy.zeros((channels, 3))
+        moments[:, 0] = 1.0
+        sums = numpy.zeros((2, channels))
+        send = numpy.zeros(2 * channels, dtype=numpy.float32)
+        recv = numpy.empty_like(send)
+        steps = [lambda: exchange.allreduce_moments(moments),
+                 lambda: exchange.allreduce_sum(sums),
+                 lambda: world.Allreduce(send, recv, op=MPI.SUM)]
+        medians = []
+        for step in steps:
+            for _ in range(3):
+                step()
+            times = [timed(step, world) for _ in range(iters)]
+            slowest = numpy.max(world.allgather(times), axis=0)
+            medians.append(float(numpy.median(slowest)))
+        rows.append((channels, medians))
+    return rows
+
+
+def describe(calls):
+    if not calls:
+        return '0'
+    names = sorted(set(calls))
+    return '{} ({})'.format(len(calls), ', '.join(
+        '{}x{}'.format(calls.count(n), n) for n in names))
+
+
+def verdict(ratio, target):
+    if target is None:
+        return 'n/a', '-'
+    return '<= {:.2f}'.format(target), 'PASS' if ratio <= target else 'MISS'
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true',
+                        help='few iterations, for a smoke run')
+    parser.add_argument('--iters', type=int, default=None,
+                        help='timed iterations per link (default 100, '
+                        '--quick 5)')
+    args = parser.parse_args()
+    iters = args.iters or (5 if args.quick else 100)
+    warmup = 2 if args.quick else 5
+
+    world = MPI.COMM_WORLD
+    mn_comm = chainermn.create_communicator('naive')
+    size = world.size
+    say('multinode_bn benchmark: {} ranks, {} CPU cores on this host, numpy {}'
+        ', chainer {}; float32; median of {} iterations (slowest rank), '
+        '{} warm-up; load average {:.1f}'.format(
+            size, os.cpu_count(), numpy.__version__, chainer.__version__,
+            iters, warmup, os.getloadavg()[0]))
+
+    bandwidth = copy_bandwidth(world, 256 << 20, 3 if args.quick else 10)
+    say('copy bandwidth (numpy.copyto of 256 MiB on every rank at once, '
+        'read + write): {:.1f} GB/s per rank'.format(bandwidth / 1e9))
+
+    try:
+        collective_rows = collective_costs(world, (64, 256, 1024, 2048),
+                                           20 if args.quick else 200)
+    except (AttributeError, TypeError) as error:  # the exchange API moved
+        collective_rows = []
+        say('collective timing skipped: {!r}'.format(error))
+
+    rows, floor_rows, memory_rows, extra_rows = [], [], [], []
+    for shape in SHAPES:
+        rng = numpy.random.RandomState(world.rank)
+        x = rng.standard_normal(shape).astype(numpy.float32)
+        gy = rng.standard_normal(shape).astype(numpy.float32)
+        channels = shape[1]
+        cases = [
+            Case('ours', multinode_bn.MultiNodeBatchNormalization(
+                channels, world), x, gy),
+            Case('ChainerMN', chainermn.links.MultiNodeBatchNormalization(
+                channels, mn_comm), x, gy),
+            Case('L.BN', L.BatchNormalization(channels), x, gy),
+        ]
+        ours, mn, local = interleaved_medians(cases, 'train_step', iters,
+                                              warmup, world)
+        rows.append((shape, ours, mn, local))
+
+        # Evaluation mode and a one-process communicator.
+        eval_ours, eval_local = interleaved_medians(
+            [cases[0], cases[2]], 'eval_step', iters, warmup, world)
+        forward, backward = count_collectives(
+            lambda c: multinode_bn.MultiNodeBatchNormalization(channels, c),
+            x, gy)
+        eval_calls, _ = count_collectives(
+            lambda c: multinode_bn.MultiNodeBatchNormalization(channels, c),
+            x, gy, train=False)
+        self_comm = Counting(MPI.COMM_SELF)
+        solo = Case('ours, COMM_SELF',
+                    multinode_bn.MultiNodeBatchNormalization(
+                        channels, self_comm), x, gy)
+        solo_time, solo_local = interleaved_medians(
+            [solo, cases[2]], 'train_step', iters, warmup, world)
+        self_comm.calls = []
+        solo.train_step()
+        extra_rows.append((shape, forward, backward, eval_ours, eval_local,
+                           eval_calls, solo_time, solo_local,
+                           list(self_comm.calls)))
+
+        floor = 8 * x.nbytes / bandwidth
+        floor_rows.append((shape, x.nbytes, 8 * x.nbytes, floor, ours))
+
+        memory_rows.append((shape, x.nbytes, [
+            peak_temporary_bytes(case) for case in cases]))
+
+    say()
+    say('Training step (forward + backward), ms per iteration')
+    header = ('{:<18} {:>8} {:>10} {:>8}  {:>12} {:>8} {:>5}  {:>10} {:>8} '
+              '{:>5}')
+    line = ('{:<18} {:>8.3f} {:>10.3f} {:>8.3f}  {:>12.2f} {:>8} {:>5}  '
+            '{:>10} {:>8} {:>5}')
+    say(header.format('shape per rank', 'ours', 'ChainerMN', 'L.BN',
+                      'ours/ChainerMN', 'target', '', 'ours/L.BN', 'target',
+                      ''))
+    for shape, ours, mn, local in rows:
+        t_mn, t_local = TARGETS[len(shape)]
+        target_mn, ok_mn = verdict(ours / mn, t_mn)
+        target_local, ok_local = verdict(ours / local, t_local)
+        say(line.format(str(shape), ours * 1e3, mn * 1e3, local * 1e3,
+                        ours / mn, target_mn, ok_mn,
+                        '{:.2f}'.format(ours / local), target_local,
+                        ok_local))
+
+    say()
+    say('Collectives of our link (Counting(MPI.COMM_WORLD)); evaluation mode'
+        ' (forward only) and a one-process communicator (Counting(MPI.'
+        'COMM_SELF), training step), ms')
+    header = ('{:<18} {:>16} {:>16} | {:>8} {:>8} {:>6} | {:>9} {:>8} {:>6}')
+    say(header.format('shape per rank', 'train forward', 'train backward',
+                      'eval ours', 'eval L.BN', 'calls', 'size-1 ours',
+                      'L.BN', 'calls'))
+    for (shape, forward, backward, eval_ours, eval_local, eval_calls,
+         solo_time, solo_local, solo_calls) in extra_rows:
+        say('{:<18} {:>16} {:>16} | {:>9.3f} {:>9.3f} {:>6} | {:>11.3f} '
+            '{:>8.3f} {:>6}'.format(
+                str(shape), describe(forward), describe(backward),
+                eval_ours * 1e3, eval_local * 1e3, describe(eval_calls),
+                solo_time * 1e3, solo_local * 1e3, describe(solo_calls)))
+
+    if collective_rows:
+        say()
+        say('One collective alone, us per call (median, slowest rank): ours '
+            'forward (C triples, merge operation), ours backward (2 C float64 '
+            'sums), and ChainerMN\'s per-direction blocking Allreduce of 2 C '
+            'float32')
+        say('{:>8} {:>14} {:>14} {:>16}'.format('C', 'ours forward',
+                                                'ours backward',
+                                                'ChainerMN-style'))
+        for channels, medians in collective_rows:
+            say('{:>8} {:>14.1f} {:>14.1f} {:>16.1f}'.format(
+                channels, *[m * 1e6 for m in medians]))
+
+    say()
+    say('Memory-traffic floor of a training step: forward reads x for the '
+        'statistics, reads x and writes y for the output (3 |x|); backward '
+        'reads gy and x for the reductions, reads gy and x and writes gx for '
+        'the input gradient (5 |x|): floor = 8 |x| / copy bandwidth '
+        '({:.1f} GB/s)'.format(bandwidth / 1e9))
+    say('{:<18} {:>8} {:>10} {:>10} {:>10} {:>11}'.format(
+        'shape per rank', '|x| MiB', '8|x| MiB', 'floor ms', 'ours ms',
+        'ours/floor'))
+    for shape, nbytes, moved, floor, ours in floor_rows:
+        say('{:<18} {:>8.2f} {:>10.2f} {:>10.3f} {:>10.3f} {:>11.2f}'.format(
+            str(shape), nbytes / 2.0 ** 20, moved / 2.0 ** 20, floor * 1e3,
+            ours * 1e3, ours / floor))
+
+    say()
+    say('Peak temporary memory of one training step (tracemalloc peak above '
+        'what was live before; includes the outputs y and gx), MiB and '
+        'multiples of |x|')
+    say('{:<18} {:>16} {:>16} {:>16}'.format('shape per rank', 'ours',
+                                             'ChainerMN', 'L.BN'))
+    for shape, nbytes, peaks in memory_rows:
+        say('{:<18} {:>16} {:>16} {:>16}'.format(str(shape), *[
+            '{:.2f} ({:.1f}x)'.format(p / 2.0 ** 20, p / float(nbytes))
+            for p in peaks]))
+    say()
+    say('load average at the end: {:.1f} on {} cores (the {} ranks alone '
+        'make about {}; more means other processes shared the cores and '
+        'inflated the times above)'.format(os.getloadavg()[0],
+                                           os.cpu_count(), size, size))
+
+
+if __name__ == '__main__':
+    main()
