@@ -264,3 +264,36 @@ def test_exception_on_one_rank_aborts_the_whole_job_when_launched_via_mpi4py(
     assert 'simulated failure on rank 1' in proc.stderr
     assert 'finished' not in proc.stdout
     assert elapsed < 60, elapsed
+
+
+@parallel
+def test_parameter_problem_on_one_rank_raises_on_every_rank():
+    """Chainer's own type check would raise on that rank only."""
+    comm = MPI.COMM_WORLD
+    selector = multinode_bn.functions.MultiNodeBNImplSelector(comm, 'auto')
+    x = numpy.random.RandomState(comm.rank).randn(4, 3).astype(
+        numpy.float32)
+    gamma = numpy.ones(3, numpy.float32)
+    good_beta = numpy.zeros(3, numpy.float32)
+    multinode_bn.multi_node_batch_normalization(x, gamma, good_beta, selector)
+    bad = [(gamma, numpy.zeros((1, 3), numpy.float32)),   # beta shape
+           (gamma.astype(numpy.int32), good_beta.astype(numpy.int32))]
+    for g, b in bad:
+        mine = (g, b) if comm.rank == 1 else (gamma, good_beta)
+        start = time.monotonic()
+        with pytest.raises(InconsistentInputError, match='rank\\(s\\) 1'):
+            multinode_bn.multi_node_batch_normalization(x, mine[0], mine[1],
+                                                        selector)
+        assert time.monotonic() - start < 10
+
+
+def test_lazy_link_conversion_keeps_pending_initial_statistics():
+    import chainer.links as L
+    bn = L.BatchNormalization(None, axis=0, initial_avg_mean=1.0,
+                              initial_avg_var=4.0)
+    synced = multinode_bn.create_mnbn_model(bn, MPI.COMM_SELF)
+    back = multinode_bn.revert_mnbn_model(synced)
+    x = numpy.full((2, 3), 3.0, numpy.float32)
+    with chainer.using_config('train', False):
+        for link in (bn, synced, back):
+            numpy.testing.assert_allclose(link(x).array, 1.0, rtol=1e-4)

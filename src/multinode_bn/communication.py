@@ -135,7 +135,12 @@ class StallPolicy(object):
 
 
 class StallError(RuntimeError):
-    """An exchange did not complete in time (with ``action='raise'``)."""
+    """An exchange did not complete in time (with ``action='raise'``).
+
+    The collective is left in flight: that communicator cannot be used for
+    further exchanges, and the job should end (``MPI.COMM_WORLD.Abort()``, or
+    let the exception propagate under ``python -m mpi4py``).
+    """
 
 
 _stall_policy = [StallPolicy.from_environment()]
@@ -193,6 +198,18 @@ def wait(request, rank, describe, policy=None):
                 raise StallError(line)
 
 
+def _wait_keeping(exchange, request, describe, buffers):
+    try:
+        wait(request, exchange.rank, describe)
+    except StallError:
+        # The collective is still in flight: its request and buffers must
+        # outlive this call, or a late completion would write into freed
+        # memory. The communicator is unusable from here on.
+        exchange.abandoned = getattr(exchange, 'abandoned', []) + [
+            (request, buffers)]
+        raise
+
+
 def _merge_moments_op(inbuf, inoutbuf, datatype):
     a = numpy.frombuffer(inbuf, dtype=numpy.float64).reshape(-1, 3)
     b = numpy.frombuffer(inoutbuf, dtype=numpy.float64).reshape(-1, 3)
@@ -245,6 +262,9 @@ class MpiStatsExchange(object):
         # A communicator is a process-wide resource: copies share it.
         return self
 
+    def _wait(self, request, describe, *buffers):
+        _wait_keeping(self, request, describe, buffers)
+
     def allreduce_moments(self, moments, header=None, describe=str):
         """Global ``(count, mean, m2)`` per channel, from a ``(C, 3)`` float64 array.
 
@@ -271,7 +291,7 @@ class MpiStatsExchange(object):
         request = self.mpi_comm.Iallreduce([host, host.shape[0], triple],
                                            [out, out.shape[0], triple],
                                            op=merge)
-        wait(request, self.rank, describe)
+        self._wait(request, describe, host, out)
         if header is None:
             return _like(moments, out), None
         n = len(header) // 2
@@ -284,7 +304,7 @@ class MpiStatsExchange(object):
         host = numpy.ascontiguousarray(_to_host(buf), dtype=numpy.float64)
         out = numpy.empty_like(host)
         request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
-        wait(request, self.rank, describe)
+        self._wait(request, describe, host, out)
         return _like(buf, out)
 
     def allgather_header(self, header, describe=str):
@@ -323,6 +343,9 @@ class NcclStatsExchange(object):
     def __deepcopy__(self, memo):
         return self
 
+    def _wait(self, request, describe, *buffers):
+        _wait_keeping(self, request, describe, buffers)
+
     def _buffer(self, n):
         import cupy
         # Per stream as well: a buffer still read by kernels queued on one
@@ -353,7 +376,7 @@ class NcclStatsExchange(object):
         host = numpy.ascontiguousarray(header, dtype=numpy.float64)
         out = numpy.empty_like(host)
         request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
-        wait(request, self.rank, describe)
+        self._wait(request, describe, host, out)
         return out
 
     def allgather_header(self, header, describe=str):
@@ -396,9 +419,9 @@ def _allgather_header(exchange, header, describe):
     if exchange.size == 1:
         out[0] = header
         return out
-    request = exchange.mpi_comm.Iallgather(
-        numpy.ascontiguousarray(header, dtype=numpy.int64), out)
-    wait(request, exchange.rank, describe)
+    send = numpy.ascontiguousarray(header, dtype=numpy.int64)
+    request = exchange.mpi_comm.Iallgather(send, out)
+    exchange._wait(request, describe, send, out)
     return out
 
 

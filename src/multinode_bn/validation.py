@@ -27,6 +27,7 @@ NCCL_NEEDS_GPU = 4
 BAD_AXIS = 5
 TOO_MANY_DIMS = 6
 DTYPE_MISMATCH = 7
+PARAM_MISMATCH = 8
 
 _PROBLEMS = {
     NOT_FLOAT: 'input is not floating point',
@@ -36,6 +37,7 @@ _PROBLEMS = {
     BAD_AXIS: 'axis does not fit the input',
     TOO_MANY_DIMS: 'input has more than 8 dimensions',
     DTYPE_MISMATCH: 'gamma and beta differ in dtype',
+    PARAM_MISMATCH: 'gamma and beta are not floating point of one shape',
 }
 
 _DTYPES = ['float16', 'float32', 'float64', 'bfloat16', 'int8', 'int16',
@@ -53,12 +55,20 @@ def _name(code, table):
 
 
 def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
-                  axis, backend, x_device, param_device):
-    """The first thing wrong with this process's input, or :data:`OK`."""
+                  axis, backend, x_device, param_device, beta_shape=None):
+    """The first thing wrong with this process's input, or :data:`OK`.
+
+    Everything Chainer's own type check would reject is caught here first,
+    so that no process raises alone while the others wait in an exchange.
+    """
     if len(x_shape) > _MAX_DIMS:
         return TOO_MANY_DIMS
     if numpy.dtype(x_dtype).kind != 'f':
         return NOT_FLOAT
+    if numpy.dtype(param_dtype).kind != 'f' or (
+            beta_shape is not None and tuple(beta_shape) != tuple(
+                param_shape)):
+        return PARAM_MISMATCH
     if param_dtype != beta_dtype:
         return DTYPE_MISMATCH
     if any(not 0 <= a < len(x_shape) for a in axis) or \

@@ -210,7 +210,7 @@ class MultiNodeBNImplSelector(object):
         self.calls += 1
         x_arr, g_arr, b_arr = (_array_of(v) for v in (x, gamma, beta))
         key = (x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype,
-               b_arr.dtype, axis, type(x_arr), type(g_arr))
+               b_arr.shape, b_arr.dtype, axis, type(x_arr), type(g_arr))
         described = self._described.get(key)
         if described is None:
             described = self._describe_input(x_arr, g_arr, b_arr, axis)
@@ -235,7 +235,8 @@ class MultiNodeBNImplSelector(object):
         x_device, p_device = _device_kind(x_arr), _device_kind(g_arr)
         problem = validation.local_problem(
             x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
-            axis, self.communication_backend_name, x_device, p_device)
+            axis, self.communication_backend_name, x_device, p_device,
+            beta_shape=b_arr.shape)
         header = validation.encode_header(
             x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
             self.communication_backend_name, x_device, problem)

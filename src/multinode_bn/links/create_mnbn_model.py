@@ -132,6 +132,10 @@ def _transplant(old, new):
     if old.avg_mean is not None:
         new.avg_mean = old.avg_mean
         new.avg_var = old.avg_var
+    else:
+        # Not initialized yet: carry the pending initializers instead.
+        new._initial_avg_mean = getattr(old, '_initial_avg_mean', None)
+        new._initial_avg_var = getattr(old, '_initial_avg_var', None)
     new.N = old.N
     new.name = old.name
     new.to_device(old.device)
