@@ -198,18 +198,6 @@ def wait(request, rank, describe, policy=None):
                 raise StallError(line)
 
 
-def _wait_keeping(exchange, request, describe, buffers):
-    try:
-        wait(request, exchange.rank, describe)
-    except StallError:
-        # The collective is still in flight: its request and buffers must
-        # outlive this call, or a late completion would write into freed
-        # memory. The communicator is unusable from here on.
-        exchange.abandoned = getattr(exchange, 'abandoned', []) + [
-            (request, buffers)]
-        raise
-
-
 def _merge_moments_op(inbuf, inoutbuf, datatype):
     a = numpy.frombuffer(inbuf, dtype=numpy.float64).reshape(-1, 3)
     b = numpy.frombuffer(inoutbuf, dtype=numpy.float64).reshape(-1, 3)
@@ -242,15 +230,13 @@ class _MpiHandles(object):
         return cls.triple, cls.merge
 
 
-class MpiStatsExchange(object):
-    """Exchanges statistics over MPI.
+class _StatsExchange(object):
+    """What both exchanges share: the communicator and the host collectives.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm``. Kept as given;
             a copy of the owning link shares it.
     """
-
-    backend = 'mpi'
 
     def __init__(self, comm):
         self.comm = comm
@@ -263,7 +249,51 @@ class MpiStatsExchange(object):
         return self
 
     def _wait(self, request, describe, *buffers):
-        _wait_keeping(self, request, describe, buffers)
+        try:
+            wait(request, self.rank, describe)
+        except StallError:
+            # The collective is still in flight: its request and buffers
+            # must outlive this call, or a late completion would write into
+            # freed memory. The communicator is unusable from here on.
+            self.abandoned = getattr(self, 'abandoned', []) + [
+                (request, buffers)]
+            raise
+
+    def _host_sum(self, buf, describe):
+        """Elementwise float64 sum over processes of a host array."""
+        host = numpy.ascontiguousarray(buf, dtype=numpy.float64)
+        out = numpy.empty_like(host)
+        request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
+        self._wait(request, describe, host, out)
+        return out
+
+    def allgather_header(self, header, describe=str):
+        """Every process's :mod:`~multinode_bn.validation` header, ``(size, HEADER_LEN)``.
+
+        Headers are small host arrays of a fixed size on every process, also
+        on the NCCL backend, so this exchange can neither truncate nor hang
+        on a size mismatch.
+        """
+        out = numpy.empty((self.size, validation.HEADER_LEN),
+                          dtype=numpy.int64)
+        if self.size == 1:
+            out[0] = header
+            return out
+        send = numpy.ascontiguousarray(header, dtype=numpy.int64)
+        request = self.mpi_comm.Iallgather(send, out)
+        self._wait(request, describe, send, out)
+        return out
+
+
+class MpiStatsExchange(_StatsExchange):
+    """Exchanges statistics over MPI.
+
+    Args:
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``. Kept as given;
+            a copy of the owning link shares it.
+    """
+
+    backend = 'mpi'
 
     def allreduce_moments(self, moments, header=None, describe=str):
         """Global ``(count, mean, m2)`` per channel, from a ``(C, 3)`` float64 array.
@@ -301,18 +331,10 @@ class MpiStatsExchange(object):
         """Elementwise sum over ranks of a float64 array."""
         if self.size == 1:
             return buf
-        host = numpy.ascontiguousarray(_to_host(buf), dtype=numpy.float64)
-        out = numpy.empty_like(host)
-        request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
-        self._wait(request, describe, host, out)
-        return _like(buf, out)
-
-    def allgather_header(self, header, describe=str):
-        """Every process's :mod:`~multinode_bn.validation` header, ``(size, HEADER_LEN)``."""
-        return _allgather_header(self, header, describe)
+        return _like(buf, self._host_sum(_to_host(buf), describe))
 
 
-class NcclStatsExchange(object):
+class NcclStatsExchange(_StatsExchange):
     """Exchanges statistics with NCCL on the current CUDA stream.
 
     Moments travel as ``(count, sum, sum of squares)`` sums in float64
@@ -334,17 +356,8 @@ class NcclStatsExchange(object):
     def __init__(self, comm):
         if not is_nccl_communicator(comm):
             raise ValueError('NcclStatsExchange needs a PureNcclCommunicator')
-        self.comm = comm
-        self.mpi_comm = mpi_comm_of(comm)
-        self.size = self.mpi_comm.Get_size()
-        self.rank = self.mpi_comm.Get_rank()
+        super(NcclStatsExchange, self).__init__(comm)
         self._buffers = {}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def _wait(self, request, describe, *buffers):
-        _wait_keeping(self, request, describe, buffers)
 
     def _buffer(self, n):
         import cupy
@@ -371,17 +384,6 @@ class NcclStatsExchange(object):
                                       stream.ptr)
         return buf.reshape(arr.shape)
 
-    def _sum_header(self, header, describe):
-        """The in-band header summed over processes, on the host."""
-        host = numpy.ascontiguousarray(header, dtype=numpy.float64)
-        out = numpy.empty_like(host)
-        request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
-        self._wait(request, describe, host, out)
-        return out
-
-    def allgather_header(self, header, describe=str):
-        return _allgather_header(self, header, describe)
-
     def allreduce_moments(self, moments, header=None, describe=str):
         """See :meth:`MpiStatsExchange.allreduce_moments`; the summed
         header is a host array."""
@@ -390,7 +392,7 @@ class NcclStatsExchange(object):
         import cupy
         summed_header = None
         if header is not None:
-            summed_header = self._sum_header(header, describe)
+            summed_header = self._host_sum(header, describe)
             if not validation.inband_agrees(summed_header):
                 # Every process reads the same sums, so all of them skip
                 # the device collective, and the caller raises.
@@ -408,21 +410,6 @@ class NcclStatsExchange(object):
         import cupy
         return self._allreduce_device(
             cupy.asarray(buf, dtype=numpy.float64)).copy()
-
-
-def _allgather_header(exchange, header, describe):
-    # Headers are small host arrays of a fixed size on every process, also
-    # on the NCCL backend, so this exchange can neither truncate nor hang
-    # on a size mismatch.
-    out = numpy.empty((exchange.size, validation.HEADER_LEN),
-                      dtype=numpy.int64)
-    if exchange.size == 1:
-        out[0] = header
-        return out
-    send = numpy.ascontiguousarray(header, dtype=numpy.int64)
-    request = exchange.mpi_comm.Iallgather(send, out)
-    exchange._wait(request, describe, send, out)
-    return out
 
 
 def _to_host(a):

@@ -12,6 +12,8 @@ Nothing here communicates: :mod:`multinode_bn.communication` moves the
 headers.
 """
 
+import zlib
+
 import numpy
 
 HEADER_LEN = 32
@@ -185,7 +187,6 @@ def signature_digests(signature):
     their squares, and the products checked by :func:`inband_agrees`, stay
     exact in float64.
     """
-    import zlib
     text = repr(signature).encode()
     return zlib.crc32(text) & 0xFFF, zlib.adler32(text) & 0xFFF
 
