@@ -27,6 +27,7 @@ import time
 
 import numpy
 
+from multinode_bn import cpu_kernels
 from multinode_bn import statistics
 from multinode_bn import validation
 
@@ -199,6 +200,9 @@ def wait(request, rank, describe, policy=None):
 
 
 def _merge_moments_op(inbuf, inoutbuf, datatype):
+    if cpu_kernels.available():
+        cpu_kernels.merge_moments_into(inbuf, inoutbuf)
+        return
     a = numpy.frombuffer(inbuf, dtype=numpy.float64).reshape(-1, 3)
     b = numpy.frombuffer(inoutbuf, dtype=numpy.float64).reshape(-1, 3)
     # Header rows carry a negative count and are plain sums; MPI may hand

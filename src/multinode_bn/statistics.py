@@ -41,6 +41,7 @@ import functools
 
 import numpy
 
+from multinode_bn import cpu_kernels
 from multinode_bn import cuda_kernels
 
 MOMENTS_DTYPE = numpy.float64
@@ -255,6 +256,8 @@ def local_moments(xp, x3, interm_dtype):
         zero shift, a read-only view of ``x3``; with the CuPy kernels, a
         :class:`~multinode_bn.cuda_kernels.ShiftedInput`.
     """
+    if xp is numpy and cpu_kernels.usable(x3, interm_dtype):
+        return cpu_kernels.local_moments(x3, interm_dtype)
     if xp is not numpy and cuda_kernels.enabled():
         return cuda_kernels.local_moments(x3, interm_dtype)
     rows, channels, inner = x3.shape
@@ -351,6 +354,9 @@ def normalize_into(xp, centred, shift, mean, inv_std, gamma, beta):
         ``centred`` is a :class:`~multinode_bn.cuda_kernels.ShiftedInput`).
     """
     if isinstance(centred, cuda_kernels.ShiftedInput):
+        if xp is numpy:
+            return cpu_kernels.normalize_into(centred, mean, inv_std, gamma,
+                                              beta)
         return cuda_kernels.normalize_into(centred, shift, mean, inv_std,
                                            gamma, beta)
     scale = gamma * inv_std
@@ -386,6 +392,8 @@ def backward_sums(xp, gy3, x3, mean, interm_dtype, inv_std=None):
         turns into the input gradient (with the CuPy kernels, a
         :class:`~multinode_bn.cuda_kernels.ShiftedInput`).
     """
+    if xp is numpy and cpu_kernels.usable(x3, interm_dtype):
+        return cpu_kernels.backward_sums(gy3, x3, mean)
     if xp is not numpy and cuda_kernels.enabled():
         return cuda_kernels.backward_sums(gy3, x3, mean, interm_dtype)
     acc = accumulation_dtype(interm_dtype)
@@ -432,6 +440,9 @@ def input_gradient_into(xp, centred, gy3, a, b, c, out_dtype):
         ndarray: ``gx`` seen as ``(A, C, B)``, in ``out_dtype``.
     """
     if isinstance(centred, cuda_kernels.ShiftedInput):
+        if xp is numpy:
+            return cpu_kernels.input_gradient_into(centred, gy3, a, b, c,
+                                                   out_dtype)
         return cuda_kernels.input_gradient_into(centred, gy3, a, b, c,
                                                 out_dtype)
     out = _output_buffer(xp, centred, accumulation_dtype(centred.dtype))

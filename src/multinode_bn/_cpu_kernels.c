@@ -1,0 +1,429 @@
+/*
+ * One-pass CPU loops for the statistics of synchronized batch normalization.
+ *
+ * The C side of multinode_bn.cpu_kernels (which documents the arithmetic):
+ * each function makes exactly one pass over the batch, with no temporary
+ * array, where NumPy needs a chain of ufunc and einsum passes.
+ *
+ * Arrays arrive as C-contiguous buffers of float32 or float64 seen as
+ * (A, C, B): A and B run over the reduced axes, C over the channels. Two
+ * loop orders cover every layout: for B == 1 (channels last, (N, C)) the
+ * inner loop runs over channels with one accumulator each; otherwise it runs
+ * over the B values of one channel. Sums are accumulated in float64.
+ *
+ * The GIL is released while a loop runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Several instruction-set versions of each loop, picked at load time. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__)
+#define MNBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MNBN_CLONES
+#endif
+
+#if defined(_OPENMP) || defined(__GNUC__)
+/* The reduction variables of the loops below are always t1 and t2. */
+#define MNBN_SIMD_SUMS _Pragma("omp simd reduction(+:t1, t2)")
+#define MNBN_SIMD _Pragma("omp simd")
+#else
+#define MNBN_SIMD_SUMS
+#define MNBN_SIMD
+#endif
+
+/* ---- loops, instantiated for float and double --------------------------- */
+
+#define MNBN_DEFINE_LOOPS(T, NAME)                                            \
+                                                                              \
+/* s1[c] = sum (x - shift[c]), s2[c] = sum (x - shift[c])^2, in float64. */   \
+MNBN_CLONES static void                                                       \
+shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
+                    const double *shift, double *s1, double *s2)              \
+{                                                                             \
+    memset(s1, 0, C * sizeof(double));                                        \
+    memset(s2, 0, C * sizeof(double));                                        \
+    if (B == 1) {                                                             \
+        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+            const T *row = x + a * C;                                         \
+            MNBN_SIMD                                                         \
+            for (Py_ssize_t c = 0; c < C; ++c) {                              \
+                double d = (double)row[c] - shift[c];                         \
+                s1[c] += d;                                                   \
+                s2[c] += d * d;                                               \
+            }                                                                 \
+        }                                                                     \
+        return;                                                               \
+    }                                                                         \
+    for (Py_ssize_t a = 0; a < A; ++a) {                                      \
+        for (Py_ssize_t c = 0; c < C; ++c) {                                  \
+            const T *run = x + (a * C + c) * B;                               \
+            const double s = shift[c];                                        \
+            double t1 = 0.0, t2 = 0.0;                                        \
+            MNBN_SIMD_SUMS                                                    \
+            for (Py_ssize_t b = 0; b < B; ++b) {                              \
+                double d = (double)run[b] - s;                                \
+                t1 += d;                                                      \
+                t2 += d * d;                                                  \
+            }                                                                 \
+            s1[c] += t1;                                                      \
+            s2[c] += t2;                                                      \
+        }                                                                     \
+    }                                                                         \
+}                                                                             \
+                                                                              \
+/* y = (x - shift[c]) * scale[c] + offset[c], in T. */                        \
+MNBN_CLONES static void                                                       \
+scale_shift_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,      \
+                   const T *shift, const T *scale, const T *offset, T *y)     \
+{                                                                             \
+    if (B == 1) {                                                             \
+        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+            const T *row = x + a * C;                                         \
+            T *out = y + a * C;                                               \
+            MNBN_SIMD                                                         \
+            for (Py_ssize_t c = 0; c < C; ++c)                                \
+                out[c] = (row[c] - shift[c]) * scale[c] + offset[c];          \
+        }                                                                     \
+        return;                                                               \
+    }                                                                         \
+    for (Py_ssize_t a = 0; a < A; ++a) {                                      \
+        for (Py_ssize_t c = 0; c < C; ++c) {                                  \
+            const Py_ssize_t at = (a * C + c) * B;                            \
+            const T *run = x + at;                                            \
+            T *out = y + at;                                                  \
+            const T s = shift[c], k = scale[c], o = offset[c];                \
+            MNBN_SIMD                                                         \
+            for (Py_ssize_t b = 0; b < B; ++b)                                \
+                out[b] = (run[b] - s) * k + o;                                \
+        }                                                                     \
+    }                                                                         \
+}                                                                             \
+                                                                              \
+/* g1[c] = sum gy, g2[c] = sum gy * (x - mean[c]), in float64. */             \
+MNBN_CLONES static void                                                       \
+gradient_sums_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,     \
+                     Py_ssize_t B, const double *mean, double *g1,            \
+                     double *g2)                                              \
+{                                                                             \
+    memset(g1, 0, C * sizeof(double));                                        \
+    memset(g2, 0, C * sizeof(double));                                        \
+    if (B == 1) {                                                             \
+        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+            const T *row = x + a * C, *grow = gy + a * C;                     \
+            MNBN_SIMD                                                         \
+            for (Py_ssize_t c = 0; c < C; ++c) {                              \
+                double g = (double)grow[c];                                   \
+                g1[c] += g;                                                   \
+                g2[c] += g * ((double)row[c] - mean[c]);                      \
+            }                                                                 \
+        }                                                                     \
+        return;                                                               \
+    }                                                                         \
+    for (Py_ssize_t a = 0; a < A; ++a) {                                      \
+        for (Py_ssize_t c = 0; c < C; ++c) {                                  \
+            const Py_ssize_t at = (a * C + c) * B;                            \
+            const T *run = x + at, *grun = gy + at;                           \
+            const double m = mean[c];                                         \
+            double t1 = 0.0, t2 = 0.0;                                        \
+            MNBN_SIMD_SUMS                                                    \
+            for (Py_ssize_t b = 0; b < B; ++b) {                              \
+                double g = (double)grun[b];                                   \
+                t1 += g;                                                      \
+                t2 += g * ((double)run[b] - m);                               \
+            }                                                                 \
+            g1[c] += t1;                                                      \
+            g2[c] += t2;                                                      \
+        }                                                                     \
+    }                                                                         \
+}                                                                             \
+                                                                              \
+/* gx = p[c] * gy + q[c] * (x - shift[c]) + r[c], in T. */                    \
+MNBN_CLONES static void                                                       \
+input_gradient_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,    \
+                      Py_ssize_t B, const T *shift, const T *p, const T *q,   \
+                      const T *r, T *gx)                                      \
+{                                                                             \
+    if (B == 1) {                                                             \
+        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+            const T *row = x + a * C, *grow = gy + a * C;                     \
+            T *out = gx + a * C;                                              \
+            MNBN_SIMD                                                         \
+            for (Py_ssize_t c = 0; c < C; ++c)                                \
+                out[c] = p[c] * grow[c] + q[c] * (row[c] - shift[c]) + r[c];  \
+        }                                                                     \
+        return;                                                               \
+    }                                                                         \
+    for (Py_ssize_t a = 0; a < A; ++a) {                                      \
+        for (Py_ssize_t c = 0; c < C; ++c) {                                  \
+            const Py_ssize_t at = (a * C + c) * B;                            \
+            const T *run = x + at, *grun = gy + at;                           \
+            T *out = gx + at;                                                 \
+            const T s = shift[c], pc = p[c], qc = q[c], rc = r[c];            \
+            MNBN_SIMD                                                         \
+            for (Py_ssize_t b = 0; b < B; ++b)                                \
+                out[b] = pc * grun[b] + qc * (run[b] - s) + rc;               \
+        }                                                                     \
+    }                                                                         \
+}
+
+MNBN_DEFINE_LOOPS(float, f4)
+MNBN_DEFINE_LOOPS(double, f8)
+
+/* ---- argument checks ---------------------------------------------------- */
+
+/* Element size of the dtype code passed from Python: 4 or 8. */
+static int
+item_size(int code)
+{
+    if (code == 4 || code == 8)
+        return code;
+    PyErr_Format(PyExc_ValueError, "itemsize must be 4 or 8, got %d", code);
+    return 0;
+}
+
+static int
+check_length(const Py_buffer *buf, Py_ssize_t count, Py_ssize_t itemsize,
+             const char *name)
+{
+    if (count < 0 || buf->len != count * itemsize) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s holds %zd bytes; expected %zd values of %zd bytes",
+                     name, buf->len, count, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+check_shape(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B)
+{
+    if (A < 0 || C < 0 || B < 0 || (C > 0 && B > 0 &&
+            (A > PY_SSIZE_T_MAX / C || A * C > PY_SSIZE_T_MAX / B))) {
+        PyErr_SetString(PyExc_ValueError, "invalid (A, C, B) shape");
+        return -1;
+    }
+    return 0;
+}
+
+#define RELEASE_ALL(bufs, n) \
+    do { for (int i_ = 0; i_ < (n); ++i_) PyBuffer_Release(&(bufs)[i_]); } \
+    while (0)
+
+/* ---- Python entry points ------------------------------------------------ */
+
+PyDoc_STRVAR(shifted_sums_doc,
+"shifted_sums(x, itemsize, A, C, B, shift, out)\n\n"
+"out[0, c] = sum(x - shift[c]) and out[1, c] = sum((x - shift[c])**2)\n"
+"over the A * B values of channel c, accumulated in float64.\n"
+"x: (A, C, B) float32 or float64; shift: (C,) float64; out: (2, C) float64.");
+
+static PyObject *
+py_shifted_sums(PyObject *self, PyObject *args)
+{
+    Py_buffer b[3];
+    int code;
+    Py_ssize_t A, C, B;
+    if (!PyArg_ParseTuple(args, "y*innny*w*", &b[0], &code, &A, &C, &B,
+                          &b[1], &b[2]))
+        return NULL;
+    int size = item_size(code);
+    if (!size || check_shape(A, C, B) ||
+            check_length(&b[0], A * C * B, size, "x") ||
+            check_length(&b[1], C, 8, "shift") ||
+            check_length(&b[2], 2 * C, 8, "out")) {
+        RELEASE_ALL(b, 3);
+        return NULL;
+    }
+    double *out = (double *)b[2].buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (size == 4)
+        shifted_sums_f4((const float *)b[0].buf, A, C, B,
+                        (const double *)b[1].buf, out, out + C);
+    else
+        shifted_sums_f8((const double *)b[0].buf, A, C, B,
+                        (const double *)b[1].buf, out, out + C);
+    Py_END_ALLOW_THREADS
+    RELEASE_ALL(b, 3);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(scale_shift_doc,
+"scale_shift(x, itemsize, A, C, B, coef, y)\n\n"
+"y = (x - shift[c]) * scale[c] + offset[c], with coef = (shift, scale,\n"
+"offset) as a (3, C) array of the dtype of x and y.");
+
+static PyObject *
+py_scale_shift(PyObject *self, PyObject *args)
+{
+    Py_buffer b[3];
+    int code;
+    Py_ssize_t A, C, B;
+    if (!PyArg_ParseTuple(args, "y*innny*w*", &b[0], &code, &A, &C, &B,
+                          &b[1], &b[2]))
+        return NULL;
+    int size = item_size(code);
+    if (!size || check_shape(A, C, B) ||
+            check_length(&b[0], A * C * B, size, "x") ||
+            check_length(&b[1], 3 * C, size, "coef") ||
+            check_length(&b[2], A * C * B, size, "y")) {
+        RELEASE_ALL(b, 3);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (size == 4) {
+        const float *k = (const float *)b[1].buf;
+        scale_shift_f4((const float *)b[0].buf, A, C, B, k, k + C, k + 2 * C,
+                       (float *)b[2].buf);
+    } else {
+        const double *k = (const double *)b[1].buf;
+        scale_shift_f8((const double *)b[0].buf, A, C, B, k, k + C, k + 2 * C,
+                       (double *)b[2].buf);
+    }
+    Py_END_ALLOW_THREADS
+    RELEASE_ALL(b, 3);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(gradient_sums_doc,
+"gradient_sums(x, gy, itemsize, A, C, B, mean, out)\n\n"
+"out[0, c] = sum(gy) and out[1, c] = sum(gy * (x - mean[c])) over channel\n"
+"c, accumulated in float64. x, gy: (A, C, B) of one dtype; mean: (C,)\n"
+"float64; out: (2, C) float64.");
+
+static PyObject *
+py_gradient_sums(PyObject *self, PyObject *args)
+{
+    Py_buffer b[4];
+    int code;
+    Py_ssize_t A, C, B;
+    if (!PyArg_ParseTuple(args, "y*y*innny*w*", &b[0], &b[1], &code, &A, &C,
+                          &B, &b[2], &b[3]))
+        return NULL;
+    int size = item_size(code);
+    if (!size || check_shape(A, C, B) ||
+            check_length(&b[0], A * C * B, size, "x") ||
+            check_length(&b[1], A * C * B, size, "gy") ||
+            check_length(&b[2], C, 8, "mean") ||
+            check_length(&b[3], 2 * C, 8, "out")) {
+        RELEASE_ALL(b, 4);
+        return NULL;
+    }
+    double *out = (double *)b[3].buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (size == 4)
+        gradient_sums_f4((const float *)b[0].buf, (const float *)b[1].buf,
+                         A, C, B, (const double *)b[2].buf, out, out + C);
+    else
+        gradient_sums_f8((const double *)b[0].buf, (const double *)b[1].buf,
+                         A, C, B, (const double *)b[2].buf, out, out + C);
+    Py_END_ALLOW_THREADS
+    RELEASE_ALL(b, 4);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(input_gradient_doc,
+"input_gradient(x, gy, itemsize, A, C, B, coef, gx)\n\n"
+"gx = p[c] * gy + q[c] * (x - shift[c]) + r[c], with coef = (shift, p, q,\n"
+"r) as a (4, C) array of the dtype of x, gy and gx.");
+
+static PyObject *
+py_input_gradient(PyObject *self, PyObject *args)
+{
+    Py_buffer b[4];
+    int code;
+    Py_ssize_t A, C, B;
+    if (!PyArg_ParseTuple(args, "y*y*innny*w*", &b[0], &b[1], &code, &A, &C,
+                          &B, &b[2], &b[3]))
+        return NULL;
+    int size = item_size(code);
+    if (!size || check_shape(A, C, B) ||
+            check_length(&b[0], A * C * B, size, "x") ||
+            check_length(&b[1], A * C * B, size, "gy") ||
+            check_length(&b[2], 4 * C, size, "coef") ||
+            check_length(&b[3], A * C * B, size, "gx")) {
+        RELEASE_ALL(b, 4);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (size == 4) {
+        const float *k = (const float *)b[2].buf;
+        input_gradient_f4((const float *)b[0].buf, (const float *)b[1].buf,
+                          A, C, B, k, k + C, k + 2 * C, k + 3 * C,
+                          (float *)b[3].buf);
+    } else {
+        const double *k = (const double *)b[2].buf;
+        input_gradient_f8((const double *)b[0].buf, (const double *)b[1].buf,
+                          A, C, B, k, k + C, k + 2 * C, k + 3 * C,
+                          (double *)b[3].buf);
+    }
+    Py_END_ALLOW_THREADS
+    RELEASE_ALL(b, 4);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(merge_moments_doc,
+"merge_moments(a, b)\n\n"
+"b = merge(a, b) for float64 (count, mean, m2) triples, in place, with the\n"
+"formula of multinode_bn.statistics.merge_moments (the same operations in\n"
+"the same order, so the result does not depend on the order of a and b).\n"
+"Rows whose count in a is negative are header rows: summed elementwise.");
+
+static PyObject *
+py_merge_moments(PyObject *self, PyObject *args)
+{
+    Py_buffer b[2];
+    if (!PyArg_ParseTuple(args, "y*w*", &b[0], &b[1]))
+        return NULL;
+    Py_ssize_t n = b[1].len / (3 * (Py_ssize_t)sizeof(double));
+    if (check_length(&b[0], 3 * n, 8, "a") ||
+            check_length(&b[1], 3 * n, 8, "b")) {
+        RELEASE_ALL(b, 2);
+        return NULL;
+    }
+    const double *x = (const double *)b[0].buf;
+    double *y = (double *)b[1].buf;
+    for (Py_ssize_t i = 0; i < n; ++i, x += 3, y += 3) {
+        if (x[0] < 0) {
+            y[0] += x[0];
+            y[1] += x[1];
+            y[2] += x[2];
+            continue;
+        }
+        const double na = x[0], ma = x[1], m2a = x[2];
+        const double nb = y[0], mb = y[1], m2b = y[2];
+        const double count = na + nb;
+        const double safe = count > 0 ? count : 1.0;
+        const double delta = mb - ma;
+        y[0] = count;
+        y[1] = (na * ma + nb * mb) / safe;
+        y[2] = m2a + m2b + delta * delta * (na * nb / safe);
+    }
+    RELEASE_ALL(b, 2);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"shifted_sums", py_shifted_sums, METH_VARARGS, shifted_sums_doc},
+    {"scale_shift", py_scale_shift, METH_VARARGS, scale_shift_doc},
+    {"gradient_sums", py_gradient_sums, METH_VARARGS, gradient_sums_doc},
+    {"input_gradient", py_input_gradient, METH_VARARGS, input_gradient_doc},
+    {"merge_moments", py_merge_moments, METH_VARARGS, merge_moments_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cpu_kernels",
+    "One-pass CPU loops of multinode_bn.cpu_kernels.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cpu_kernels(void)
+{
+    return PyModule_Create(&module);
+}
