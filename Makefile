@@ -17,7 +17,7 @@ check-python:
 	"multinode_bn needs Python 3.8-3.11 (chainer 7.8.1 needs pkg_resources and numpy.distutils); " \
 	"found %d.%d. Run: make PYTHON=python3.11 ..." % v[:2])'
 
-$(STAMP): pyproject.toml Makefile | check-python
+$(STAMP): pyproject.toml setup.py Makefile | check-python
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade 'pip<26' 'setuptools<74' wheel
 	# chainer 7.8.1 is an sdist whose setup.py and runtime import pkg_resources
@@ -28,7 +28,16 @@ $(STAMP): pyproject.toml Makefile | check-python
 	$(VPY) -m pip install --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The C loops of multinode_bn.cpu_kernels, rebuilt when their source changes.
+EXT_SRC := src/multinode_bn/_cpu_kernels.c
+EXT_STAMP := $(VENV)/.extension
+
+$(EXT_STAMP): $(EXT_SRC) $(STAMP)
+	$(VPY) -m pip install --no-build-isolation --no-deps -e .
+	$(VPY) -c 'import multinode_bn._cpu_kernels'
+	touch $(EXT_STAMP)
+
+install: $(STAMP) $(EXT_STAMP)
 
 # Single-process tests first, then every MPI test under 2 and 3 ranks.
 # Each rank runs its own pytest; a failure on any rank makes mpiexec exit
@@ -37,15 +46,18 @@ install: $(STAMP)
 PYTEST     := $(VPY) -m pytest -p no:cacheprovider
 MPI_PYTEST := $(PYTEST) -q --no-header --timeout=240 --timeout-method=thread
 
-test: $(STAMP)
+# The tests also check that the C loops were built (pip only warns when an
+# optional extension fails to compile).
+test: export MULTINODE_BN_EXPECT_CPU_KERNELS = 1
+test: install
 	$(PYTEST) tests -m 'parallel[1]'
 	$(VENV)/bin/mpiexec -n 2 $(MPI_PYTEST) tests -m 'parallel[2]'
 	$(VENV)/bin/mpiexec -n 3 $(MPI_PYTEST) tests -m 'parallel[3]'
 
-demo: $(STAMP)
+demo: install
 	$(VPY) examples/run_demo.py --out result
 
-bench: $(STAMP)
+bench: install
 	$(VENV)/bin/mpiexec -n 2 $(VPY) benchmarks/bench_bn.py
 
 clean:

@@ -83,19 +83,34 @@ def assert_matches_reference(ours, ref, offset, n, size, rtol, atol,
 
     Parameter gradients are compared after the data-parallel mean over the
     ``size`` processes; they equal the global gradient divided by ``size``.
+
+    Collective: every rank makes the same MPI calls whatever fails, and
+    every rank raises when any rank found a mismatch (a rank raising alone
+    would leave the others waiting in the next test's collectives).
     """
-    assert_close(ours.y, ref.y[offset:offset + n], rtol, atol, 'y')
-    assert_close(ours.gx, ref.gx[offset:offset + n], rtol, atol, 'gx')
+    comm = MPI.COMM_WORLD
+    checks = [('y', ours.y, ref.y[offset:offset + n]),
+              ('gx', ours.gx, ref.gx[offset:offset + n])]
     if params:
-        comm = MPI.COMM_WORLD
         for name in ('ggamma', 'gbeta'):
             mine = getattr(ours, name)
             if mine is None:
                 continue
             mean = comm.allreduce(numpy.asarray(mine, numpy.float64)) / size
-            assert_close(mean * size, getattr(ref, name), rtol, atol, name)
-    assert_close(ours.avg_mean, ref.avg_mean, rtol, atol, 'avg_mean')
-    assert_close(ours.avg_var, ref.avg_var, rtol, atol, 'avg_var')
+            checks.append((name, mean * size, getattr(ref, name)))
+    checks += [('avg_mean', ours.avg_mean, ref.avg_mean),
+               ('avg_var', ours.avg_var, ref.avg_var)]
+    failures = []
+    for what, actual, expected in checks:
+        try:
+            assert_close(actual, expected, rtol, atol, what)
+        except AssertionError as e:
+            failures.append(str(e))
+    failed_ranks = [r for r, f in enumerate(comm.allgather(bool(failures)))
+                    if f]
+    if failed_ranks:
+        raise AssertionError('mismatch on rank(s) {}; this rank ({}): {}'.format(
+            failed_ranks, comm.rank, '\n'.join(failures) or 'matched'))
 
 
 COLLECTIVE_NAMES = (
@@ -132,3 +147,17 @@ for _name in COLLECTIVE_NAMES:
 @pytest.fixture
 def comm():
     return MPI.COMM_WORLD
+
+
+@pytest.fixture(params=['loops', 'numpy'])
+def cpu_path(request, monkeypatch):
+    """Runs a test with the C loops of ``multinode_bn.cpu_kernels`` and
+    with the NumPy code they replace."""
+    from multinode_bn import cpu_kernels
+    if request.param == 'loops':
+        if not cpu_kernels.available():
+            pytest.skip('multinode_bn._cpu_kernels was not built')
+        monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', '1')
+    else:
+        monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', '0')
+    return request.param

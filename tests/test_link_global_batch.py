@@ -39,14 +39,14 @@ def _check(sizes, tail, dtype, seed=0, rtol=None, atol=None, steps=1,
 @parallel
 @pytest.mark.parametrize('tail', SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize('dtype', [numpy.float32, numpy.float64])
-def test_equal_batches_match_global_bn(tail, dtype):
+def test_equal_batches_match_global_bn(tail, dtype, cpu_path):
     size = MPI.COMM_WORLD.size
     _check([4] * size, tail, dtype, steps=2)
 
 
 @parallel
 @pytest.mark.parametrize('tail', SHAPES.values(), ids=SHAPES.keys())
-def test_uneven_batches_match_global_bn(tail):
+def test_uneven_batches_match_global_bn(tail, cpu_path):
     sizes = [1, 6, 3][:MPI.COMM_WORLD.size]
     _check(sizes, tail, numpy.float64, seed=1, steps=2)
     _check(sizes, tail, numpy.float32, seed=2)
@@ -54,7 +54,7 @@ def test_uneven_batches_match_global_bn(tail):
 
 @parallel
 @pytest.mark.parametrize('tail', SHAPES.values(), ids=SHAPES.keys())
-def test_zero_size_batch_on_one_rank_matches_global_bn(tail):
+def test_zero_size_batch_on_one_rank_matches_global_bn(tail, cpu_path):
     size = MPI.COMM_WORLD.size
     sizes = [0] + [3] * (size - 1)
     link, ours = _check(sizes, tail, numpy.float64, seed=3)
@@ -71,7 +71,7 @@ def test_all_but_one_rank_empty_matches_global_bn():
 
 
 @parallel
-def test_large_mean_variance_within_one_percent_float32():
+def test_large_mean_variance_within_one_percent_float32(cpu_path):
     """float32 ``1e4 + N(0, 1)``: E[x^2] - E[x]^2 would lose every digit."""
     comm = MPI.COMM_WORLD
     sizes = [8, 3, 5][:comm.size]
