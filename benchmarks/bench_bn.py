@@ -111,6 +111,22 @@ class Case(object):
             return self.link(self.xv)
 
 
+class FallbackCase(Case):
+    """Our link with the C loops switched off (``MULTINODE_BN_CPU_KERNELS=0``):
+    the NumPy code of ``multinode_bn.statistics``."""
+
+    def train_step(self):
+        previous = os.environ.get('MULTINODE_BN_CPU_KERNELS')
+        os.environ['MULTINODE_BN_CPU_KERNELS'] = '0'
+        try:
+            return super(FallbackCase, self).train_step()
+        finally:
+            if previous is None:
+                del os.environ['MULTINODE_BN_CPU_KERNELS']
+            else:
+                os.environ['MULTINODE_BN_CPU_KERNELS'] = previous
+
+
 def timed(step, world):
     world.Barrier()
     t0 = time.perf_counter()
@@ -245,6 +261,12 @@ def main():
             size, os.cpu_count(), numpy.__version__, chainer.__version__,
             iters, warmup, os.getloadavg()[0]))
 
+    from multinode_bn import cpu_kernels
+    say('statistics: {}'.format(
+        'C loops (multinode_bn._cpu_kernels)' if cpu_kernels.enabled() else
+        'NumPy code (the C loops are {})'.format(
+            'switched off' if cpu_kernels.available() else 'not built')))
+
     bandwidth = copy_bandwidth(world, 256 << 20, 3 if args.quick else 10)
     say('copy bandwidth (numpy.copyto of 256 MiB on every rank at once, '
         'read + write): {:.1f} GB/s per rank'.format(bandwidth / 1e9))
@@ -268,10 +290,12 @@ def main():
             Case('ChainerMN', chainermn.links.MultiNodeBatchNormalization(
                 channels, mn_comm), x, gy),
             Case('L.BN', L.BatchNormalization(channels), x, gy),
+            FallbackCase('ours, NumPy', multinode_bn.MultiNodeBatchNormalization(
+                channels, world), x, gy),
         ]
-        ours, mn, local = interleaved_medians(cases, 'train_step', iters,
-                                              warmup, world)
-        rows.append((shape, ours, mn, local))
+        ours, mn, local, fallback = interleaved_medians(
+            cases, 'train_step', iters, warmup, world)
+        rows.append((shape, ours, mn, local, fallback))
 
         # Evaluation mode and a one-process communicator.
         eval_ours, eval_local = interleaved_medians(
@@ -298,7 +322,7 @@ def main():
         floor_rows.append((shape, x.nbytes, 8 * x.nbytes, floor, ours))
 
         memory_rows.append((shape, x.nbytes, [
-            peak_temporary_bytes(case) for case in cases]))
+            peak_temporary_bytes(case) for case in cases[:3]]))
 
     say()
     say('Training step (forward + backward), ms per iteration')
@@ -309,7 +333,7 @@ def main():
     say(header.format('shape per rank', 'ours', 'ChainerMN', 'L.BN',
                       'ours/ChainerMN', 'target', '', 'ours/L.BN', 'target',
                       ''))
-    for shape, ours, mn, local in rows:
+    for shape, ours, mn, local, _ in rows:
         t_mn, t_local = TARGETS[len(shape)]
         target_mn, ok_mn = verdict(ours / mn, t_mn)
         target_local, ok_local = verdict(ours / local, t_local)
@@ -317,6 +341,17 @@ def main():
                         ours / mn, target_mn, ok_mn,
                         '{:.2f}'.format(ours / local), target_local,
                         ok_local))
+
+    say()
+    say('What the C loops bring: our link with MULTINODE_BN_CPU_KERNELS=0 '
+        '(the NumPy code), timed in the same interleaved iterations, ms')
+    say('{:<18} {:>8} {:>12} {:>14} {:>16}'.format(
+        'shape per rank', 'ours', 'ours, NumPy', 'loops/NumPy',
+        'NumPy/ChainerMN'))
+    for shape, ours, mn, local, fallback in rows:
+        say('{:<18} {:>8.3f} {:>12.3f} {:>14.2f} {:>16.2f}'.format(
+            str(shape), ours * 1e3, fallback * 1e3, ours / fallback,
+            fallback / mn))
 
     say()
     say('Collectives of our link (Counting(MPI.COMM_WORLD)); evaluation mode'
@@ -352,7 +387,9 @@ def main():
         'statistics, reads x and writes y for the output (3 |x|); backward '
         'reads gy and x for the reductions, reads gy and x and writes gx for '
         'the input gradient (5 |x|): floor = 8 |x| / copy bandwidth '
-        '({:.1f} GB/s)'.format(bandwidth / 1e9))
+        '({:.1f} GB/s). The bandwidth is that of DRAM; a ratio below 1 means '
+        'part of the traffic was served from the caches.'.format(
+            bandwidth / 1e9))
     say('{:<18} {:>8} {:>10} {:>10} {:>10} {:>11}'.format(
         'shape per rank', '|x| MiB', '8|x| MiB', 'floor ms', 'ours ms',
         'ours/floor'))
