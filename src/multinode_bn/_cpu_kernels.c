@@ -22,6 +22,7 @@
 
 /* Several instruction-set versions of each loop, picked at load time. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__GLIBC__) && \
     defined(__linux__)
 #define MNBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

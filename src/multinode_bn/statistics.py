@@ -17,7 +17,17 @@ ranks are combined with :func:`merge_moments` (the pairwise formula of Chan,
 Golub and LeVeque), which never subtracts two large sums of squares and so
 keeps its digits when the mean is large compared with the spread.
 
-On NumPy the passes over the batch are what costs, so each function makes as
+On the CPU, for C-contiguous float32 and float64 inputs computed in their
+own dtype, the four functions that pass over the batch
+(:func:`local_moments`, :func:`normalize_into`, :func:`backward_sums`,
+:func:`input_gradient_into`) hand the work to the one-pass C loops of
+:mod:`multinode_bn.cpu_kernels` when the extension was built, unless
+``MULTINODE_BN_CPU_KERNELS=0``; ``centred`` is then a
+:class:`~multinode_bn.cuda_kernels.ShiftedInput` of the input, as with
+the CUDA kernels below.
+
+Otherwise (float16, mixed precision, strided views, no C extension), on
+NumPy the passes over the batch are what costs, so each function makes as
 few as it can and no full-size temporary besides its output: per-channel
 sums are ``einsum`` reductions over blocks of the input (float64 only for
 the short block sums), per-channel scale and offset are applied in place
