@@ -251,3 +251,32 @@ def test_loops_and_numpy_fallback_agree(shape, dtype, monkeypatch):
     tol = 1e-5 if dtype == numpy.float32 else 1e-12
     for loops, fallback in zip(*results):
         numpy.testing.assert_allclose(loops, fallback, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('layout', ['nchw', 'nc'])
+def test_broadcast_upstream_gradient_matches_global_bn(layout, cpu_path):
+    # A gy that is a broadcast view (as F.sum's backward produces): the
+    # loops need contiguous arrays, the NumPy code reads it as it is.
+    import chainer
+    import chainer.links as L
+    from mpi4py import MPI
+    import multinode_bn
+    rng = numpy.random.RandomState(8)
+    shape = (6, 3, 4, 5) if layout == 'nchw' else (7, 3)
+    x = rng.standard_normal(shape).astype(numpy.float32) * 2.0 + 1.0
+    row = rng.standard_normal(shape[1:]).astype(numpy.float32)
+    gy = numpy.broadcast_to(row, shape)
+    assert not gy.flags.c_contiguous
+    results = []
+    for link, dtype in [
+            (multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_SELF),
+             numpy.float32),
+            (L.BatchNormalization(3, dtype=numpy.float64), numpy.float64)]:
+        xv = chainer.Variable(x.astype(dtype))
+        y = link(xv)
+        link.cleargrads()
+        y.grad = gy.astype(dtype) if dtype == numpy.float64 else gy
+        y.backward()
+        results.append((xv.grad, link.gamma.grad, link.beta.grad))
+    for ours, ref in zip(*results):
+        numpy.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
