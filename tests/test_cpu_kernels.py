@@ -73,7 +73,12 @@ def test_moments_redone_around_the_mean_give_the_same_result(
         shape, monkeypatch):
     x3, _ = _data(shape, numpy.float32, loc=50.0)
     first, _, shift_first = cpu_kernels.local_moments(x3, numpy.float32)
-    numpy.testing.assert_array_equal(shift_first, x3[0, :, 0])
+    # The first shift: the mean of at least 16 leading values per channel.
+    run = min(shape[2], 16)
+    head = x3[:-(-16 // run), :, :run].astype(numpy.float64)
+    assert head.shape[0] * head.shape[2] >= min(16, shape[0] * shape[2])
+    numpy.testing.assert_allclose(shift_first, head.mean(axis=(0, 2)),
+                                  rtol=1e-14)
     calls = []
     native = cpu_kernels._native
 
@@ -280,3 +285,36 @@ def test_broadcast_upstream_gradient_matches_global_bn(layout, cpu_path):
         results.append((xv.grad, link.gamma.grad, link.beta.grad))
     for ours, ref in zip(*results):
         numpy.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_loops
+def test_shapes_whose_byte_counts_overflow_are_refused():
+    native = cpu_kernels._native
+    out = numpy.empty((2, 1))
+    with pytest.raises(ValueError):
+        native.shifted_sums(b'', 8, 2 ** 61, 1, 1, numpy.zeros(1), out)
+    with pytest.raises(ValueError):
+        native.input_gradient(b'', b'', 8, 1, 2 ** 62, 1, b'', bytearray())
+    with pytest.raises(ValueError):
+        native.scale_shift(b'', 4, 2 ** 40, 2 ** 40, 2 ** 40, b'',
+                           bytearray())
+    # An empty batch of absurd length returns at once, with zero sums.
+    out[...] = 7.0
+    native.shifted_sums(b'', 8, 2 ** 59, 1, 0, numpy.zeros(1), out)
+    numpy.testing.assert_array_equal(out, 0.0)
+
+
+@needs_loops
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_unrepresentative_head_keeps_the_dtype_accuracy(dtype):
+    # The first values of every channel sit 1000 standard deviations from
+    # the rest: the sums are redone around the mean, and m2 keeps the
+    # accuracy of float64 sums.
+    rng = numpy.random.RandomState(9)
+    x3 = (500.0 + rng.standard_normal((1 << 16, 2, 1))).astype(dtype)
+    x3[:16] = -499.0
+    moments, _, shift = cpu_kernels.local_moments(x3, dtype)
+    count, mean, m2 = _moments64(x3)
+    numpy.testing.assert_allclose(shift, mean, rtol=1e-12)
+    numpy.testing.assert_allclose(moments[:, 1], mean, rtol=1e-14)
+    numpy.testing.assert_allclose(moments[:, 2], m2, rtol=1e-12)

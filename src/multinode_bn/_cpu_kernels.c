@@ -49,6 +49,8 @@ shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
 {                                                                             \
     memset(s1, 0, C * sizeof(double));                                        \
     memset(s2, 0, C * sizeof(double));                                        \
+    if (A == 0 || B == 0)                                                     \
+        return;                                                               \
     if (B == 1) {                                                             \
         for (Py_ssize_t a = 0; a < A; ++a) {                                  \
             const T *row = x + a * C;                                         \
@@ -83,6 +85,8 @@ MNBN_CLONES static void                                                       \
 scale_shift_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,      \
                    const T *shift, const T *scale, const T *offset, T *y)     \
 {                                                                             \
+    if (A == 0 || B == 0 || C == 0)                                           \
+        return;                                                               \
     if (B == 1) {                                                             \
         for (Py_ssize_t a = 0; a < A; ++a) {                                  \
             const T *row = x + a * C;                                         \
@@ -114,6 +118,8 @@ gradient_sums_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,     \
 {                                                                             \
     memset(g1, 0, C * sizeof(double));                                        \
     memset(g2, 0, C * sizeof(double));                                        \
+    if (A == 0 || B == 0)                                                     \
+        return;                                                               \
     if (B == 1) {                                                             \
         for (Py_ssize_t a = 0; a < A; ++a) {                                  \
             const T *row = x + a * C, *grow = gy + a * C;                     \
@@ -150,6 +156,8 @@ input_gradient_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,    \
                       Py_ssize_t B, const T *shift, const T *p, const T *q,   \
                       const T *r, T *gx)                                      \
 {                                                                             \
+    if (A == 0 || B == 0 || C == 0)                                           \
+        return;                                                               \
     if (B == 1) {                                                             \
         for (Py_ssize_t a = 0; a < A; ++a) {                                  \
             const T *row = x + a * C, *grow = gy + a * C;                     \
@@ -192,7 +200,8 @@ static int
 check_length(const Py_buffer *buf, Py_ssize_t count, Py_ssize_t itemsize,
              const char *name)
 {
-    if (count < 0 || buf->len != count * itemsize) {
+    if (count < 0 || count > PY_SSIZE_T_MAX / itemsize ||
+            buf->len != count * itemsize) {
         PyErr_Format(PyExc_ValueError,
                      "%s holds %zd bytes; expected %zd values of %zd bytes",
                      name, buf->len, count, itemsize);
@@ -201,12 +210,17 @@ check_length(const Py_buffer *buf, Py_ssize_t count, Py_ssize_t itemsize,
     return 0;
 }
 
+/* Non-negative, and A * C * B and 4 * C values of 8 bytes stay countable:
+ * every product the entry points form is then free of overflow. */
 static int
 check_shape(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B)
 {
-    if (A < 0 || C < 0 || B < 0 || (C > 0 && B > 0 &&
-            (A > PY_SSIZE_T_MAX / C || A * C > PY_SSIZE_T_MAX / B))) {
-        PyErr_SetString(PyExc_ValueError, "invalid (A, C, B) shape");
+    const Py_ssize_t limit = PY_SSIZE_T_MAX / 8;
+    if (A < 0 || C < 0 || B < 0 || C > limit / 4 ||
+            (A > 0 && C > limit / A) ||
+            (A > 0 && C > 0 && B > limit / (A * C))) {
+        PyErr_Format(PyExc_ValueError, "invalid (A, C, B) shape (%zd, %zd, %zd)",
+                     A, C, B);
         return -1;
     }
     return 0;

@@ -14,11 +14,14 @@ Sums are accumulated in float64.
 
 Local moments (:func:`local_moments`)
     One pass: ``sum d`` and ``sum d * d`` with ``d = x - s`` per channel,
-    where the shift ``s`` is the channel's first value. Should ``s`` lie
-    more than :data:`SHIFT_TOLERANCE` standard deviations from the mean
-    (an outlier at the head of the batch), the sums are redone once around
-    the mean just found, so ``m2`` never loses more than about
-    ``1 + SHIFT_TOLERANCE**2`` units of float64 rounding.
+    where the shift ``s`` is the mean of the channel's first
+    :data:`SHIFT_SAMPLE` values (a strided slice, no pass over the batch).
+    The cancellation in ``m2 = sum d*d - (sum d)**2 / n`` amplifies the
+    rounding of the float64 sums by ``1 + (s - mean)**2 / var``; should
+    ``s`` lie more than :data:`SHIFT_TOLERANCE` standard deviations from
+    the mean (an unrepresentative head of the batch), the sums are redone
+    once around the mean just found, so the amplification stays below 17
+    for float32 and float64 inputs alike.
 
 Normalization (:func:`normalize_into`)
     ``y = (x - m) * scale + offset`` in the dtype of ``x``, with ``m`` the
@@ -52,10 +55,10 @@ except ImportError:  # pragma: no cover - built without a C compiler
 MOMENTS_DTYPE = numpy.float64
 
 #: Largest distance, in standard deviations, between a channel's shift and
-#: its mean before the moments are summed again around the mean. Float64
-#: sums of ``d`` and ``d * d`` keep ``m2`` to about
-#: ``(1 + SHIFT_TOLERANCE**2) * n * 1.1e-16`` relative in the worst case.
-SHIFT_TOLERANCE = 1000.0
+#: its mean before the moments are summed again around the mean.
+SHIFT_TOLERANCE = 4.0
+#: The shift is the mean of at least this many leading values per channel.
+SHIFT_SAMPLE = 16
 
 _SERVED = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -79,14 +82,14 @@ def usable(x3, interm_dtype):
     C-contiguous float32 or float64 NumPy array computed in its own dtype."""
     return (type(x3) is numpy.ndarray and x3.dtype in _SERVED
             and x3.dtype == interm_dtype and x3.size > 0
-            and x3.flags.c_contiguous and enabled())
+            and x3.flags.c_contiguous and x3.flags.aligned and enabled())
 
 
 def _contiguous(a, dtype):
     if (type(a) is numpy.ndarray and a.dtype == dtype
-            and a.flags.c_contiguous):
+            and a.flags.c_contiguous and a.flags.aligned):
         return a
-    return numpy.ascontiguousarray(a, dtype=dtype)
+    return numpy.array(a, dtype=dtype, order='C', copy=True)
 
 
 def local_moments(x3, interm_dtype):
@@ -102,7 +105,10 @@ def local_moments(x3, interm_dtype):
     """
     rows, channels, inner = x3.shape
     count = float(rows * inner)
-    shift = x3[0, :, 0].astype(MOMENTS_DTYPE)
+    run = min(inner, SHIFT_SAMPLE)
+    head = x3[:-(-SHIFT_SAMPLE // run), :, :run]
+    shift = head.sum(axis=(0, 2), dtype=MOMENTS_DTYPE) / (
+        head.shape[0] * run)
     sums = numpy.empty((2, channels), dtype=MOMENTS_DTYPE)
     _native.shifted_sums(x3, x3.itemsize, rows, channels, inner, shift, sums)
     s1, s2 = sums
