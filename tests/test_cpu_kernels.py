@@ -195,18 +195,18 @@ def test_buffers_of_the_wrong_size_raise_instead_of_overrunning():
     x = numpy.zeros((2, 3, 4), numpy.float32)
     out = numpy.empty((2, 3))
     with pytest.raises(ValueError, match='x holds'):
-        native.shifted_sums(x, 4, 2, 3, 5, numpy.zeros(3), out)
+        native.shifted_sums(4, 2, 3, 5, x, numpy.zeros(3), out)
     with pytest.raises(ValueError, match='shift holds'):
-        native.shifted_sums(x, 4, 2, 3, 4, numpy.zeros(2), out)
+        native.shifted_sums(4, 2, 3, 4, x, numpy.zeros(2), out)
     with pytest.raises(ValueError, match='itemsize'):
-        native.shifted_sums(x, 2, 2, 3, 4, numpy.zeros(3), out)
+        native.shifted_sums(2, 2, 3, 4, x, numpy.zeros(3), out)
     with pytest.raises(ValueError, match='gx holds'):
-        native.input_gradient(x, x, 4, 2, 3, 4, numpy.zeros(12, numpy.float32),
+        native.input_gradient(4, 2, 3, 4, x, x, numpy.zeros(12, numpy.float32),
                               numpy.empty(5, numpy.float32))
     with pytest.raises(ValueError, match='shape'):
-        native.scale_shift(x, 4, -2, 3, -4, numpy.zeros(9, numpy.float32), x)
+        native.scale_shift(4, -2, 3, -4, x, numpy.zeros(9, numpy.float32), x)
     with pytest.raises((ValueError, BufferError, TypeError)):
-        native.shifted_sums(x[:, :, ::2], 4, 2, 3, 2, numpy.zeros(3), out)
+        native.shifted_sums(4, 2, 3, 2, x[:, :, ::2], numpy.zeros(3), out)
     with pytest.raises(ValueError, match='b holds'):
         native.merge_moments(numpy.zeros(6), numpy.zeros(7))
 
@@ -292,15 +292,15 @@ def test_shapes_whose_byte_counts_overflow_are_refused():
     native = cpu_kernels._native
     out = numpy.empty((2, 1))
     with pytest.raises(ValueError):
-        native.shifted_sums(b'', 8, 2 ** 61, 1, 1, numpy.zeros(1), out)
+        native.shifted_sums(8, 2 ** 61, 1, 1, b'', numpy.zeros(1), out)
     with pytest.raises(ValueError):
-        native.input_gradient(b'', b'', 8, 1, 2 ** 62, 1, b'', bytearray())
+        native.input_gradient(8, 1, 2 ** 62, 1, b'', b'', b'', bytearray())
     with pytest.raises(ValueError):
-        native.scale_shift(b'', 4, 2 ** 40, 2 ** 40, 2 ** 40, b'',
+        native.scale_shift(4, 2 ** 40, 2 ** 40, 2 ** 40, b'', b'',
                            bytearray())
     # An empty batch of absurd length returns at once, with zero sums.
     out[...] = 7.0
-    native.shifted_sums(b'', 8, 2 ** 59, 1, 0, numpy.zeros(1), out)
+    native.shifted_sums(8, 2 ** 59, 1, 0, b'', numpy.zeros(1), out)
     numpy.testing.assert_array_equal(out, 0.0)
 
 

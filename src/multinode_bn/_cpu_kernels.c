@@ -219,167 +219,187 @@ check_shape(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B)
     if (A < 0 || C < 0 || B < 0 || C > limit / 4 ||
             (A > 0 && C > limit / A) ||
             (A > 0 && C > 0 && B > limit / (A * C))) {
-        PyErr_Format(PyExc_ValueError, "invalid (A, C, B) shape (%zd, %zd, %zd)",
-                     A, C, B);
+        PyErr_Format(PyExc_ValueError,
+                     "invalid (A, C, B) shape (%zd, %zd, %zd)", A, C, B);
         return -1;
     }
     return 0;
 }
 
-#define RELEASE_ALL(bufs, n) \
-    do { for (int i_ = 0; i_ < (n); ++i_) PyBuffer_Release(&(bufs)[i_]); } \
-    while (0)
+/* What one buffer argument holds: the whole batch (A * C * B values of the
+ * input dtype), or `per_channel * C` values of the input dtype or float64. */
+enum { BATCH, CHANNELS, CHANNELS_F8 };
+
+typedef struct {
+    const char *name;
+    int kind;
+    Py_ssize_t per_channel;
+} Operand;
+
+/* One call's arguments: (itemsize, A, C, B, buffer, ..., output buffer). */
+typedef struct {
+    Py_buffer buf[4];
+    int n;
+    int size;
+    Py_ssize_t A, C, B;
+} Call;
+
+static PyObject *
+close_call(Call *call)
+{
+    for (int i = 0; i < call->n; ++i)
+        PyBuffer_Release(&call->buf[i]);
+    Py_RETURN_NONE;
+}
+
+/* Parses and checks the arguments against `ops` (3 or 4 buffers, the last
+ * one written); on failure sets the error, releases what it took and
+ * returns -1. */
+static int
+open_call(Call *call, PyObject *args, const Operand *ops, int n)
+{
+    int code, ok;
+    Py_buffer *b = call->buf;
+    call->n = 0;
+    if (n == 3)
+        ok = PyArg_ParseTuple(args, "innny*y*w*", &code, &call->A, &call->C,
+                              &call->B, &b[0], &b[1], &b[2]);
+    else
+        ok = PyArg_ParseTuple(args, "innny*y*y*w*", &code, &call->A,
+                              &call->C, &call->B, &b[0], &b[1], &b[2], &b[3]);
+    if (!ok)
+        return -1;
+    call->n = n;
+    call->size = item_size(code);
+    if (!call->size || check_shape(call->A, call->C, call->B))
+        goto fail;
+    for (int i = 0; i < n; ++i) {
+        Py_ssize_t count = ops[i].kind == BATCH
+            ? call->A * call->C * call->B : ops[i].per_channel * call->C;
+        Py_ssize_t itemsize = ops[i].kind == CHANNELS_F8 ? 8 : call->size;
+        if (check_length(&b[i], count, itemsize, ops[i].name))
+            goto fail;
+    }
+    return 0;
+fail:
+    Py_DECREF(close_call(call));
+    return -1;
+}
 
 /* ---- Python entry points ------------------------------------------------ */
 
 PyDoc_STRVAR(shifted_sums_doc,
-"shifted_sums(x, itemsize, A, C, B, shift, out)\n\n"
+"shifted_sums(itemsize, A, C, B, x, shift, out)\n\n"
 "out[0, c] = sum(x - shift[c]) and out[1, c] = sum((x - shift[c])**2)\n"
 "over the A * B values of channel c, accumulated in float64.\n"
 "x: (A, C, B) float32 or float64; shift: (C,) float64; out: (2, C) float64.");
 
+static const Operand shifted_sums_ops[] = {
+    {"x", BATCH, 0}, {"shift", CHANNELS_F8, 1}, {"out", CHANNELS_F8, 2}};
+
 static PyObject *
 py_shifted_sums(PyObject *self, PyObject *args)
 {
-    Py_buffer b[3];
-    int code;
-    Py_ssize_t A, C, B;
-    if (!PyArg_ParseTuple(args, "y*innny*w*", &b[0], &code, &A, &C, &B,
-                          &b[1], &b[2]))
+    Call k;
+    if (open_call(&k, args, shifted_sums_ops, 3))
         return NULL;
-    int size = item_size(code);
-    if (!size || check_shape(A, C, B) ||
-            check_length(&b[0], A * C * B, size, "x") ||
-            check_length(&b[1], C, 8, "shift") ||
-            check_length(&b[2], 2 * C, 8, "out")) {
-        RELEASE_ALL(b, 3);
-        return NULL;
-    }
-    double *out = (double *)b[2].buf;
+    const double *shift = (const double *)k.buf[1].buf;
+    double *out = (double *)k.buf[2].buf;
     Py_BEGIN_ALLOW_THREADS
-    if (size == 4)
-        shifted_sums_f4((const float *)b[0].buf, A, C, B,
-                        (const double *)b[1].buf, out, out + C);
+    if (k.size == 4)
+        shifted_sums_f4(k.buf[0].buf, k.A, k.C, k.B, shift, out, out + k.C);
     else
-        shifted_sums_f8((const double *)b[0].buf, A, C, B,
-                        (const double *)b[1].buf, out, out + C);
+        shifted_sums_f8(k.buf[0].buf, k.A, k.C, k.B, shift, out, out + k.C);
     Py_END_ALLOW_THREADS
-    RELEASE_ALL(b, 3);
-    Py_RETURN_NONE;
+    return close_call(&k);
 }
 
 PyDoc_STRVAR(scale_shift_doc,
-"scale_shift(x, itemsize, A, C, B, coef, y)\n\n"
+"scale_shift(itemsize, A, C, B, x, coef, y)\n\n"
 "y = (x - shift[c]) * scale[c] + offset[c], with coef = (shift, scale,\n"
 "offset) as a (3, C) array of the dtype of x and y.");
+
+static const Operand scale_shift_ops[] = {
+    {"x", BATCH, 0}, {"coef", CHANNELS, 3}, {"y", BATCH, 0}};
 
 static PyObject *
 py_scale_shift(PyObject *self, PyObject *args)
 {
-    Py_buffer b[3];
-    int code;
-    Py_ssize_t A, C, B;
-    if (!PyArg_ParseTuple(args, "y*innny*w*", &b[0], &code, &A, &C, &B,
-                          &b[1], &b[2]))
+    Call k;
+    if (open_call(&k, args, scale_shift_ops, 3))
         return NULL;
-    int size = item_size(code);
-    if (!size || check_shape(A, C, B) ||
-            check_length(&b[0], A * C * B, size, "x") ||
-            check_length(&b[1], 3 * C, size, "coef") ||
-            check_length(&b[2], A * C * B, size, "y")) {
-        RELEASE_ALL(b, 3);
-        return NULL;
-    }
+    const Py_ssize_t C = k.C;
     Py_BEGIN_ALLOW_THREADS
-    if (size == 4) {
-        const float *k = (const float *)b[1].buf;
-        scale_shift_f4((const float *)b[0].buf, A, C, B, k, k + C, k + 2 * C,
-                       (float *)b[2].buf);
+    if (k.size == 4) {
+        const float *c = k.buf[1].buf;
+        scale_shift_f4(k.buf[0].buf, k.A, C, k.B, c, c + C, c + 2 * C,
+                       k.buf[2].buf);
     } else {
-        const double *k = (const double *)b[1].buf;
-        scale_shift_f8((const double *)b[0].buf, A, C, B, k, k + C, k + 2 * C,
-                       (double *)b[2].buf);
+        const double *c = k.buf[1].buf;
+        scale_shift_f8(k.buf[0].buf, k.A, C, k.B, c, c + C, c + 2 * C,
+                       k.buf[2].buf);
     }
     Py_END_ALLOW_THREADS
-    RELEASE_ALL(b, 3);
-    Py_RETURN_NONE;
+    return close_call(&k);
 }
 
 PyDoc_STRVAR(gradient_sums_doc,
-"gradient_sums(x, gy, itemsize, A, C, B, mean, out)\n\n"
+"gradient_sums(itemsize, A, C, B, x, gy, mean, out)\n\n"
 "out[0, c] = sum(gy) and out[1, c] = sum(gy * (x - mean[c])) over channel\n"
 "c, accumulated in float64. x, gy: (A, C, B) of one dtype; mean: (C,)\n"
 "float64; out: (2, C) float64.");
 
+static const Operand gradient_sums_ops[] = {
+    {"x", BATCH, 0}, {"gy", BATCH, 0}, {"mean", CHANNELS_F8, 1},
+    {"out", CHANNELS_F8, 2}};
+
 static PyObject *
 py_gradient_sums(PyObject *self, PyObject *args)
 {
-    Py_buffer b[4];
-    int code;
-    Py_ssize_t A, C, B;
-    if (!PyArg_ParseTuple(args, "y*y*innny*w*", &b[0], &b[1], &code, &A, &C,
-                          &B, &b[2], &b[3]))
+    Call k;
+    if (open_call(&k, args, gradient_sums_ops, 4))
         return NULL;
-    int size = item_size(code);
-    if (!size || check_shape(A, C, B) ||
-            check_length(&b[0], A * C * B, size, "x") ||
-            check_length(&b[1], A * C * B, size, "gy") ||
-            check_length(&b[2], C, 8, "mean") ||
-            check_length(&b[3], 2 * C, 8, "out")) {
-        RELEASE_ALL(b, 4);
-        return NULL;
-    }
-    double *out = (double *)b[3].buf;
+    const double *mean = (const double *)k.buf[2].buf;
+    double *out = (double *)k.buf[3].buf;
     Py_BEGIN_ALLOW_THREADS
-    if (size == 4)
-        gradient_sums_f4((const float *)b[0].buf, (const float *)b[1].buf,
-                         A, C, B, (const double *)b[2].buf, out, out + C);
+    if (k.size == 4)
+        gradient_sums_f4(k.buf[0].buf, k.buf[1].buf, k.A, k.C, k.B, mean,
+                         out, out + k.C);
     else
-        gradient_sums_f8((const double *)b[0].buf, (const double *)b[1].buf,
-                         A, C, B, (const double *)b[2].buf, out, out + C);
+        gradient_sums_f8(k.buf[0].buf, k.buf[1].buf, k.A, k.C, k.B, mean,
+                         out, out + k.C);
     Py_END_ALLOW_THREADS
-    RELEASE_ALL(b, 4);
-    Py_RETURN_NONE;
+    return close_call(&k);
 }
 
 PyDoc_STRVAR(input_gradient_doc,
-"input_gradient(x, gy, itemsize, A, C, B, coef, gx)\n\n"
+"input_gradient(itemsize, A, C, B, x, gy, coef, gx)\n\n"
 "gx = p[c] * gy + q[c] * (x - shift[c]) + r[c], with coef = (shift, p, q,\n"
 "r) as a (4, C) array of the dtype of x, gy and gx.");
+
+static const Operand input_gradient_ops[] = {
+    {"x", BATCH, 0}, {"gy", BATCH, 0}, {"coef", CHANNELS, 4},
+    {"gx", BATCH, 0}};
 
 static PyObject *
 py_input_gradient(PyObject *self, PyObject *args)
 {
-    Py_buffer b[4];
-    int code;
-    Py_ssize_t A, C, B;
-    if (!PyArg_ParseTuple(args, "y*y*innny*w*", &b[0], &b[1], &code, &A, &C,
-                          &B, &b[2], &b[3]))
+    Call k;
+    if (open_call(&k, args, input_gradient_ops, 4))
         return NULL;
-    int size = item_size(code);
-    if (!size || check_shape(A, C, B) ||
-            check_length(&b[0], A * C * B, size, "x") ||
-            check_length(&b[1], A * C * B, size, "gy") ||
-            check_length(&b[2], 4 * C, size, "coef") ||
-            check_length(&b[3], A * C * B, size, "gx")) {
-        RELEASE_ALL(b, 4);
-        return NULL;
-    }
+    const Py_ssize_t C = k.C;
     Py_BEGIN_ALLOW_THREADS
-    if (size == 4) {
-        const float *k = (const float *)b[2].buf;
-        input_gradient_f4((const float *)b[0].buf, (const float *)b[1].buf,
-                          A, C, B, k, k + C, k + 2 * C, k + 3 * C,
-                          (float *)b[3].buf);
+    if (k.size == 4) {
+        const float *c = k.buf[2].buf;
+        input_gradient_f4(k.buf[0].buf, k.buf[1].buf, k.A, C, k.B, c, c + C,
+                          c + 2 * C, c + 3 * C, k.buf[3].buf);
     } else {
-        const double *k = (const double *)b[2].buf;
-        input_gradient_f8((const double *)b[0].buf, (const double *)b[1].buf,
-                          A, C, B, k, k + C, k + 2 * C, k + 3 * C,
-                          (double *)b[3].buf);
+        const double *c = k.buf[2].buf;
+        input_gradient_f8(k.buf[0].buf, k.buf[1].buf, k.A, C, k.B, c, c + C,
+                          c + 2 * C, c + 3 * C, k.buf[3].buf);
     }
     Py_END_ALLOW_THREADS
-    RELEASE_ALL(b, 4);
-    Py_RETURN_NONE;
+    return close_call(&k);
 }
 
 PyDoc_STRVAR(merge_moments_doc,
@@ -398,7 +418,8 @@ py_merge_moments(PyObject *self, PyObject *args)
     Py_ssize_t n = b[1].len / (3 * (Py_ssize_t)sizeof(double));
     if (check_length(&b[0], 3 * n, 8, "a") ||
             check_length(&b[1], 3 * n, 8, "b")) {
-        RELEASE_ALL(b, 2);
+        PyBuffer_Release(&b[0]);
+        PyBuffer_Release(&b[1]);
         return NULL;
     }
     const double *x = (const double *)b[0].buf;
@@ -419,7 +440,8 @@ py_merge_moments(PyObject *self, PyObject *args)
         y[1] = (na * ma + nb * mb) / safe;
         y[2] = m2a + m2b + delta * delta * (na * nb / safe);
     }
-    RELEASE_ALL(b, 2);
+    PyBuffer_Release(&b[0]);
+    PyBuffer_Release(&b[1]);
     Py_RETURN_NONE;
 }
 

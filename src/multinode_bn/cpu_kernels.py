@@ -110,13 +110,13 @@ def local_moments(x3, interm_dtype):
     shift = head.sum(axis=(0, 2), dtype=MOMENTS_DTYPE) / (
         head.shape[0] * run)
     sums = numpy.empty((2, channels), dtype=MOMENTS_DTYPE)
-    _native.shifted_sums(x3, x3.itemsize, rows, channels, inner, shift, sums)
+    _native.shifted_sums(x3.itemsize, rows, channels, inner, x3, shift, sums)
     s1, s2 = sums
     # (s1 / n)**2 > SHIFT_TOLERANCE**2 * m2 / n: the shift is too far out.
     tol = SHIFT_TOLERANCE * SHIFT_TOLERANCE
     if (s1 * s1 * (1.0 + tol) > s2 * (tol * count)).any():
         shift = shift + s1 / count
-        _native.shifted_sums(x3, x3.itemsize, rows, channels, inner, shift,
+        _native.shifted_sums(x3.itemsize, rows, channels, inner, x3, shift,
                              sums)
     moments = numpy.empty((channels, 3), dtype=MOMENTS_DTYPE)
     moments[:, 0] = count
@@ -143,7 +143,7 @@ def normalize_into(centred, mean, inv_std, gamma, beta):
     coef[1] = scale
     coef[2] = beta + (coef[0] - mean) * scale
     y3 = numpy.empty_like(x3)
-    _native.scale_shift(x3, x3.itemsize, rows, channels, inner, coef, y3)
+    _native.scale_shift(x3.itemsize, rows, channels, inner, x3, coef, y3)
     return y3
 
 
@@ -165,7 +165,7 @@ def backward_sums(gy3, x3, mean):
     gy3 = _contiguous(gy3, x3.dtype)
     mean = _contiguous(mean, MOMENTS_DTYPE)
     sums = numpy.empty((2, channels), dtype=MOMENTS_DTYPE)
-    _native.gradient_sums(x3, gy3, x3.itemsize, rows, channels, inner, mean,
+    _native.gradient_sums(x3.itemsize, rows, channels, inner, x3, gy3, mean,
                           sums)
     shift = mean.astype(x3.dtype)
     return sums, ShiftedInput(x3, shift), shift
@@ -194,7 +194,7 @@ def input_gradient_into(centred, gy3, a, b, c, out_dtype):
     coef[2] = a * b
     coef[3] = a * c
     gx3 = numpy.empty_like(x3)
-    _native.input_gradient(x3, gy3, x3.itemsize, rows, channels, inner, coef,
+    _native.input_gradient(x3.itemsize, rows, channels, inner, x3, gy3, coef,
                            gx3)
     return gx3.astype(out_dtype, copy=False)
 
