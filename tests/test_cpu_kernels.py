@@ -68,35 +68,23 @@ def test_local_moments_match_float64(shape, dtype, loc):
 
 
 @needs_loops
-@pytest.mark.parametrize('shape', [(7, 5, 1), (3, 4, 13)])
+@pytest.mark.parametrize('shape', [(40, 5, 1), (3, 4, 13)])
 def test_moments_redone_around_the_mean_give_the_same_result(
         shape, monkeypatch):
     x3, _ = _data(shape, numpy.float32, loc=50.0)
     first, _, shift_first = cpu_kernels.local_moments(x3, numpy.float32)
     # The first shift: the mean of at least 16 leading values per channel.
-    run = min(shape[2], 16)
+    run = min(shape[2], cpu_kernels.SHIFT_SAMPLE)
     head = x3[:-(-16 // run), :, :run].astype(numpy.float64)
     assert head.shape[0] * head.shape[2] >= min(16, shape[0] * shape[2])
     numpy.testing.assert_allclose(shift_first, head.mean(axis=(0, 2)),
                                   rtol=1e-14)
-    calls = []
-    native = cpu_kernels._native
-
-    class Recording(object):
-        def __getattr__(self, name):
-            return getattr(native, name)
-
-        def shifted_sums(self, *args):
-            calls.append(numpy.array(args[5]))
-            return native.shifted_sums(*args)
-
     # A tolerance of zero makes every shift "too far": the sums are redone
-    # once, around the mean of the first pass.
+    # once, around the mean of the first pass, which becomes the shift.
     monkeypatch.setattr(cpu_kernels, 'SHIFT_TOLERANCE', 0.0)
-    monkeypatch.setattr(cpu_kernels, '_native', Recording())
     redone, _, shift = cpu_kernels.local_moments(x3, numpy.float32)
-    assert len(calls) == 2
     numpy.testing.assert_allclose(shift, first[:, 1], rtol=1e-12)
+    assert (numpy.abs(shift - shift_first) > 1e-6).all()
     count, mean, m2 = _moments64(x3)
     numpy.testing.assert_allclose(redone[:, 1], mean, rtol=1e-14)
     numpy.testing.assert_allclose(redone[:, 2], m2, rtol=1e-10)
@@ -193,20 +181,21 @@ def test_merge_is_bitwise_the_numpy_formula_and_commutative():
 def test_buffers_of_the_wrong_size_raise_instead_of_overrunning():
     native = cpu_kernels._native
     x = numpy.zeros((2, 3, 4), numpy.float32)
-    out = numpy.empty((2, 3))
+    out = numpy.empty((3, 3))
     with pytest.raises(ValueError, match='x holds'):
-        native.shifted_sums(4, 2, 3, 5, x, numpy.zeros(3), out)
+        native.local_moments(4, 2, 3, 5, x, numpy.zeros(3), out, 4.0)
     with pytest.raises(ValueError, match='shift holds'):
-        native.shifted_sums(4, 2, 3, 4, x, numpy.zeros(2), out)
+        native.local_moments(4, 2, 3, 4, x, numpy.zeros(2), out, 4.0)
     with pytest.raises(ValueError, match='itemsize'):
-        native.shifted_sums(2, 2, 3, 4, x, numpy.zeros(3), out)
+        native.local_moments(2, 2, 3, 4, x, numpy.zeros(3), out, 4.0)
     with pytest.raises(ValueError, match='gx holds'):
         native.input_gradient(4, 2, 3, 4, x, x, numpy.zeros(12, numpy.float32),
                               numpy.empty(5, numpy.float32))
     with pytest.raises(ValueError, match='shape'):
         native.scale_shift(4, -2, 3, -4, x, numpy.zeros(9, numpy.float32), x)
     with pytest.raises((ValueError, BufferError, TypeError)):
-        native.shifted_sums(4, 2, 3, 2, x[:, :, ::2], numpy.zeros(3), out)
+        native.local_moments(4, 2, 3, 2, x[:, :, ::2], numpy.zeros(3),
+                             out, 4.0)
     with pytest.raises(ValueError, match='b holds'):
         native.merge_moments(numpy.zeros(6), numpy.zeros(7))
 
@@ -290,18 +279,20 @@ def test_broadcast_upstream_gradient_matches_global_bn(layout, cpu_path):
 @needs_loops
 def test_shapes_whose_byte_counts_overflow_are_refused():
     native = cpu_kernels._native
-    out = numpy.empty((2, 1))
+    out = numpy.empty((1, 3))
     with pytest.raises(ValueError):
-        native.shifted_sums(8, 2 ** 61, 1, 1, b'', numpy.zeros(1), out)
+        native.local_moments(8, 2 ** 61, 1, 1, b'', numpy.zeros(1), out, 4.0)
     with pytest.raises(ValueError):
         native.input_gradient(8, 1, 2 ** 62, 1, b'', b'', b'', bytearray())
     with pytest.raises(ValueError):
         native.scale_shift(4, 2 ** 40, 2 ** 40, 2 ** 40, b'', b'',
                            bytearray())
-    # An empty batch of absurd length returns at once, with zero sums.
-    out[...] = 7.0
-    native.shifted_sums(8, 2 ** 59, 1, 0, b'', numpy.zeros(1), out)
-    numpy.testing.assert_array_equal(out, 0.0)
+    # An empty batch of absurd length returns at once.
+    gx = numpy.empty(0)
+    native.input_gradient(8, 2 ** 59, 1, 0, gx, gx, numpy.zeros(4), gx)
+    with pytest.raises(ValueError, match='empty'):
+        native.local_moments(8, 2 ** 59, 1, 0, b'', numpy.zeros(1),
+                             numpy.zeros(3), 4.0)
 
 
 @needs_loops

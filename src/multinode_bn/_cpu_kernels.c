@@ -40,6 +40,13 @@
 
 /* ---- loops, instantiated for float and double --------------------------- */
 
+/* Channels summed together when channels are innermost (B == 1): 2 x 64
+ * float64 accumulators fill the AVX-512 register file without spilling. */
+#define MNBN_CHANNEL_BLOCK 64
+/* The shift of the moments: the mean of at least this many leading values
+ * of each channel (no pass over the batch). */
+#define MNBN_SHIFT_SAMPLE 16
+
 #define MNBN_DEFINE_LOOPS(T, NAME)                                            \
                                                                               \
 /* s1[c] = sum (x - shift[c]), s2[c] = sum (x - shift[c])^2, in float64. */   \
@@ -52,10 +59,33 @@ shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
     if (A == 0 || B == 0)                                                     \
         return;                                                               \
     if (B == 1) {                                                             \
-        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+        /* Blocks of channels whose accumulators stay in registers. */        \
+        Py_ssize_t c0 = 0;                                                    \
+        for (; c0 + MNBN_CHANNEL_BLOCK <= C; c0 += MNBN_CHANNEL_BLOCK) {      \
+            double t1[MNBN_CHANNEL_BLOCK], t2[MNBN_CHANNEL_BLOCK];            \
+            double s[MNBN_CHANNEL_BLOCK];                                     \
+            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
+                t1[c] = t2[c] = 0.0;                                          \
+                s[c] = shift[c0 + c];                                         \
+            }                                                                 \
+            for (Py_ssize_t a = 0; a < A; ++a) {                              \
+                const T *row = x + a * C + c0;                                \
+                MNBN_SIMD                                                     \
+                for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                \
+                    double d = (double)row[c] - s[c];                         \
+                    t1[c] += d;                                               \
+                    t2[c] += d * d;                                           \
+                }                                                             \
+            }                                                                 \
+            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
+                s1[c0 + c] = t1[c];                                           \
+                s2[c0 + c] = t2[c];                                           \
+            }                                                                 \
+        }                                                                     \
+        for (Py_ssize_t a = 0; a < A && c0 < C; ++a) {                        \
             const T *row = x + a * C;                                         \
             MNBN_SIMD                                                         \
-            for (Py_ssize_t c = 0; c < C; ++c) {                              \
+            for (Py_ssize_t c = c0; c < C; ++c) {                             \
                 double d = (double)row[c] - shift[c];                         \
                 s1[c] += d;                                                   \
                 s2[c] += d * d;                                               \
@@ -77,6 +107,45 @@ shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
             s1[c] += t1;                                                      \
             s2[c] += t2;                                                      \
         }                                                                     \
+    }                                                                         \
+}                                                                             \
+                                                                              \
+/* (count, mean, m2) per channel into moments (C x 3), and the shift used:    \
+ * the mean of the first SHIFT_SAMPLE values of each channel, replaced by     \
+ * the mean itself (and the sums redone) when it lies more than tolerance     \
+ * standard deviations away. s1 and s2 are scratch of C values each. */       \
+MNBN_CLONES static void                                                       \
+local_moments_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,    \
+                     double tolerance, double *shift, double *moments,        \
+                     double *s1, double *s2)                                  \
+{                                                                             \
+    const Py_ssize_t run = B < MNBN_SHIFT_SAMPLE ? B : MNBN_SHIFT_SAMPLE;     \
+    Py_ssize_t rows = (MNBN_SHIFT_SAMPLE + run - 1) / run;                    \
+    rows = rows < A ? rows : A;                                               \
+    const double n = (double)A * (double)B;                                   \
+    const double tol2 = tolerance * tolerance;                                \
+    memset(shift, 0, C * sizeof(double));                                     \
+    for (Py_ssize_t a = 0; a < rows; ++a)                                     \
+        for (Py_ssize_t c = 0; c < C; ++c)                                    \
+            for (Py_ssize_t b = 0; b < run; ++b)                              \
+                shift[c] += (double)x[(a * C + c) * B + b];                   \
+    for (Py_ssize_t c = 0; c < C; ++c)                                        \
+        shift[c] /= (double)(rows * run);                                     \
+    shifted_sums_##NAME(x, A, C, B, shift, s1, s2);                           \
+    int redo = 0;                                                             \
+    for (Py_ssize_t c = 0; c < C; ++c)                                        \
+        /* (s1 / n)^2 > tol^2 * m2 / n, with m2 = s2 - s1^2 / n */            \
+        redo |= s1[c] * s1[c] * (1.0 + tol2) > s2[c] * (tol2 * n);            \
+    if (redo) {                                                               \
+        for (Py_ssize_t c = 0; c < C; ++c)                                    \
+            shift[c] += s1[c] / n;                                            \
+        shifted_sums_##NAME(x, A, C, B, shift, s1, s2);                       \
+    }                                                                         \
+    for (Py_ssize_t c = 0; c < C; ++c) {                                      \
+        const double m2 = s2[c] - s1[c] * s1[c] / n;                          \
+        moments[3 * c] = n;                                                   \
+        moments[3 * c + 1] = shift[c] + s1[c] / n;                            \
+        moments[3 * c + 2] = m2 > 0.0 ? m2 : 0.0;                             \
     }                                                                         \
 }                                                                             \
                                                                               \
@@ -121,10 +190,33 @@ gradient_sums_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,     \
     if (A == 0 || B == 0)                                                     \
         return;                                                               \
     if (B == 1) {                                                             \
-        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+        /* Blocks of channels whose accumulators stay in registers. */        \
+        Py_ssize_t c0 = 0;                                                    \
+        for (; c0 + MNBN_CHANNEL_BLOCK <= C; c0 += MNBN_CHANNEL_BLOCK) {      \
+            double t1[MNBN_CHANNEL_BLOCK], t2[MNBN_CHANNEL_BLOCK];            \
+            double m[MNBN_CHANNEL_BLOCK];                                     \
+            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
+                t1[c] = t2[c] = 0.0;                                          \
+                m[c] = mean[c0 + c];                                          \
+            }                                                                 \
+            for (Py_ssize_t a = 0; a < A; ++a) {                              \
+                const T *row = x + a * C + c0, *grow = gy + a * C + c0;       \
+                MNBN_SIMD                                                     \
+                for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                \
+                    double g = (double)grow[c];                               \
+                    t1[c] += g;                                               \
+                    t2[c] += g * ((double)row[c] - m[c]);                     \
+                }                                                             \
+            }                                                                 \
+            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
+                g1[c0 + c] = t1[c];                                           \
+                g2[c0 + c] = t2[c];                                           \
+            }                                                                 \
+        }                                                                     \
+        for (Py_ssize_t a = 0; a < A && c0 < C; ++a) {                        \
             const T *row = x + a * C, *grow = gy + a * C;                     \
             MNBN_SIMD                                                         \
-            for (Py_ssize_t c = 0; c < C; ++c) {                              \
+            for (Py_ssize_t c = c0; c < C; ++c) {                             \
                 double g = (double)grow[c];                                   \
                 g1[c] += g;                                                   \
                 g2[c] += g * ((double)row[c] - mean[c]);                      \
@@ -227,16 +319,18 @@ check_shape(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B)
 }
 
 /* What one buffer argument holds: the whole batch (A * C * B values of the
- * input dtype), or `per_channel * C` values of the input dtype or float64. */
+ * input dtype), or `per_channel * C` values of the input dtype or float64;
+ * and whether the loop writes it. */
 enum { BATCH, CHANNELS, CHANNELS_F8 };
 
 typedef struct {
     const char *name;
     int kind;
     Py_ssize_t per_channel;
+    int written;
 } Operand;
 
-/* One call's arguments: (itemsize, A, C, B, buffer, ..., output buffer). */
+/* One call's arguments: (itemsize, A, C, B, buffer, ...[, number]). */
 typedef struct {
     Py_buffer buf[4];
     int n;
@@ -252,21 +346,28 @@ close_call(Call *call)
     Py_RETURN_NONE;
 }
 
-/* Parses and checks the arguments against `ops` (3 or 4 buffers, the last
- * one written); on failure sets the error, releases what it took and
- * returns -1. */
+/* Parses and checks the arguments against `ops` (3 or 4 buffers), then a
+ * float into `number` when it is not NULL; on failure sets the error,
+ * releases what it took and returns -1. */
 static int
-open_call(Call *call, PyObject *args, const Operand *ops, int n)
+open_call(Call *call, PyObject *args, const Operand *ops, int n,
+          double *number)
 {
+    char format[24] = "innn";
     int code, ok;
     Py_buffer *b = call->buf;
+    for (int i = 0; i < n; ++i)
+        strcat(format, ops[i].written ? "w*" : "y*");
+    if (number)
+        strcat(format, "d");
     call->n = 0;
+    /* Pointers past those the format names are not read. */
     if (n == 3)
-        ok = PyArg_ParseTuple(args, "innny*y*w*", &code, &call->A, &call->C,
-                              &call->B, &b[0], &b[1], &b[2]);
+        ok = PyArg_ParseTuple(args, format, &code, &call->A, &call->C,
+                              &call->B, &b[0], &b[1], &b[2], number);
     else
-        ok = PyArg_ParseTuple(args, "innny*y*y*w*", &code, &call->A,
-                              &call->C, &call->B, &b[0], &b[1], &b[2], &b[3]);
+        ok = PyArg_ParseTuple(args, format, &code, &call->A, &call->C,
+                              &call->B, &b[0], &b[1], &b[2], &b[3], number);
     if (!ok)
         return -1;
     call->n = n;
@@ -288,29 +389,46 @@ fail:
 
 /* ---- Python entry points ------------------------------------------------ */
 
-PyDoc_STRVAR(shifted_sums_doc,
-"shifted_sums(itemsize, A, C, B, x, shift, out)\n\n"
-"out[0, c] = sum(x - shift[c]) and out[1, c] = sum((x - shift[c])**2)\n"
-"over the A * B values of channel c, accumulated in float64.\n"
-"x: (A, C, B) float32 or float64; shift: (C,) float64; out: (2, C) float64.");
+PyDoc_STRVAR(local_moments_doc,
+"local_moments(itemsize, A, C, B, x, shift, moments, tolerance)\n\n"
+"moments[c] = (count, mean, m2) of the A * B values of channel c, from\n"
+"float64 sums shifted by shift[c] (written): the mean of the channel's\n"
+"first 16 values, or the mean itself when that lies more than tolerance\n"
+"standard deviations away (the sums are then redone once).\n"
+"x: (A, C, B) float32 or float64 with A * B > 0; shift: (C,) float64;\n"
+"moments: (C, 3) float64.");
 
-static const Operand shifted_sums_ops[] = {
-    {"x", BATCH, 0}, {"shift", CHANNELS_F8, 1}, {"out", CHANNELS_F8, 2}};
+static const Operand local_moments_ops[] = {
+    {"x", BATCH, 0, 0}, {"shift", CHANNELS_F8, 1, 1},
+    {"moments", CHANNELS_F8, 3, 1}};
 
 static PyObject *
-py_shifted_sums(PyObject *self, PyObject *args)
+py_local_moments(PyObject *self, PyObject *args)
 {
     Call k;
-    if (open_call(&k, args, shifted_sums_ops, 3))
+    double tolerance;
+    if (open_call(&k, args, local_moments_ops, 3, &tolerance))
         return NULL;
-    const double *shift = (const double *)k.buf[1].buf;
-    double *out = (double *)k.buf[2].buf;
+    if (k.A == 0 || k.B == 0) {
+        Py_DECREF(close_call(&k));
+        PyErr_SetString(PyExc_ValueError, "local_moments of an empty batch");
+        return NULL;
+    }
+    double *scratch = PyMem_Malloc((2 * k.C + 1) * sizeof(double));
+    if (!scratch) {
+        Py_DECREF(close_call(&k));
+        return PyErr_NoMemory();
+    }
+    double *shift = k.buf[1].buf, *moments = k.buf[2].buf;
     Py_BEGIN_ALLOW_THREADS
     if (k.size == 4)
-        shifted_sums_f4(k.buf[0].buf, k.A, k.C, k.B, shift, out, out + k.C);
+        local_moments_f4(k.buf[0].buf, k.A, k.C, k.B, tolerance, shift,
+                         moments, scratch, scratch + k.C);
     else
-        shifted_sums_f8(k.buf[0].buf, k.A, k.C, k.B, shift, out, out + k.C);
+        local_moments_f8(k.buf[0].buf, k.A, k.C, k.B, tolerance, shift,
+                         moments, scratch, scratch + k.C);
     Py_END_ALLOW_THREADS
+    PyMem_Free(scratch);
     return close_call(&k);
 }
 
@@ -320,13 +438,13 @@ PyDoc_STRVAR(scale_shift_doc,
 "offset) as a (3, C) array of the dtype of x and y.");
 
 static const Operand scale_shift_ops[] = {
-    {"x", BATCH, 0}, {"coef", CHANNELS, 3}, {"y", BATCH, 0}};
+    {"x", BATCH, 0, 0}, {"coef", CHANNELS, 3, 0}, {"y", BATCH, 0, 1}};
 
 static PyObject *
 py_scale_shift(PyObject *self, PyObject *args)
 {
     Call k;
-    if (open_call(&k, args, scale_shift_ops, 3))
+    if (open_call(&k, args, scale_shift_ops, 3, NULL))
         return NULL;
     const Py_ssize_t C = k.C;
     Py_BEGIN_ALLOW_THREADS
@@ -350,14 +468,14 @@ PyDoc_STRVAR(gradient_sums_doc,
 "float64; out: (2, C) float64.");
 
 static const Operand gradient_sums_ops[] = {
-    {"x", BATCH, 0}, {"gy", BATCH, 0}, {"mean", CHANNELS_F8, 1},
-    {"out", CHANNELS_F8, 2}};
+    {"x", BATCH, 0, 0}, {"gy", BATCH, 0, 0}, {"mean", CHANNELS_F8, 1, 0},
+    {"out", CHANNELS_F8, 2, 1}};
 
 static PyObject *
 py_gradient_sums(PyObject *self, PyObject *args)
 {
     Call k;
-    if (open_call(&k, args, gradient_sums_ops, 4))
+    if (open_call(&k, args, gradient_sums_ops, 4, NULL))
         return NULL;
     const double *mean = (const double *)k.buf[2].buf;
     double *out = (double *)k.buf[3].buf;
@@ -378,14 +496,14 @@ PyDoc_STRVAR(input_gradient_doc,
 "r) as a (4, C) array of the dtype of x, gy and gx.");
 
 static const Operand input_gradient_ops[] = {
-    {"x", BATCH, 0}, {"gy", BATCH, 0}, {"coef", CHANNELS, 4},
-    {"gx", BATCH, 0}};
+    {"x", BATCH, 0, 0}, {"gy", BATCH, 0, 0}, {"coef", CHANNELS, 4, 0},
+    {"gx", BATCH, 0, 1}};
 
 static PyObject *
 py_input_gradient(PyObject *self, PyObject *args)
 {
     Call k;
-    if (open_call(&k, args, input_gradient_ops, 4))
+    if (open_call(&k, args, input_gradient_ops, 4, NULL))
         return NULL;
     const Py_ssize_t C = k.C;
     Py_BEGIN_ALLOW_THREADS
@@ -446,7 +564,7 @@ py_merge_moments(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"shifted_sums", py_shifted_sums, METH_VARARGS, shifted_sums_doc},
+    {"local_moments", py_local_moments, METH_VARARGS, local_moments_doc},
     {"scale_shift", py_scale_shift, METH_VARARGS, scale_shift_doc},
     {"gradient_sums", py_gradient_sums, METH_VARARGS, gradient_sums_doc},
     {"input_gradient", py_input_gradient, METH_VARARGS, input_gradient_doc},
@@ -462,5 +580,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__cpu_kernels(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "SHIFT_SAMPLE", MNBN_SHIFT_SAMPLE)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

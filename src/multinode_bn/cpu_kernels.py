@@ -57,8 +57,9 @@ MOMENTS_DTYPE = numpy.float64
 #: Largest distance, in standard deviations, between a channel's shift and
 #: its mean before the moments are summed again around the mean.
 SHIFT_TOLERANCE = 4.0
-#: The shift is the mean of at least this many leading values per channel.
-SHIFT_SAMPLE = 16
+#: The shift is the mean of at least this many leading values per channel
+#: (a constant of the C code).
+SHIFT_SAMPLE = getattr(_native, 'SHIFT_SAMPLE', 16)
 
 _SERVED = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -104,24 +105,10 @@ def local_moments(x3, interm_dtype):
         :func:`normalize_into`, and the float64 shift the sums used.
     """
     rows, channels, inner = x3.shape
-    count = float(rows * inner)
-    run = min(inner, SHIFT_SAMPLE)
-    head = x3[:-(-SHIFT_SAMPLE // run), :, :run]
-    shift = head.sum(axis=(0, 2), dtype=MOMENTS_DTYPE) / (
-        head.shape[0] * run)
-    sums = numpy.empty((2, channels), dtype=MOMENTS_DTYPE)
-    _native.shifted_sums(x3.itemsize, rows, channels, inner, x3, shift, sums)
-    s1, s2 = sums
-    # (s1 / n)**2 > SHIFT_TOLERANCE**2 * m2 / n: the shift is too far out.
-    tol = SHIFT_TOLERANCE * SHIFT_TOLERANCE
-    if (s1 * s1 * (1.0 + tol) > s2 * (tol * count)).any():
-        shift = shift + s1 / count
-        _native.shifted_sums(x3.itemsize, rows, channels, inner, x3, shift,
-                             sums)
+    shift = numpy.empty(channels, dtype=MOMENTS_DTYPE)
     moments = numpy.empty((channels, 3), dtype=MOMENTS_DTYPE)
-    moments[:, 0] = count
-    moments[:, 1] = shift + s1 / count
-    moments[:, 2] = numpy.maximum(s2 - s1 * s1 / count, 0.0)
+    _native.local_moments(x3.itemsize, rows, channels, inner, x3, shift,
+                          moments, SHIFT_TOLERANCE)
     return moments, ShiftedInput(x3, shift), shift
 
 
