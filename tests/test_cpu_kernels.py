@@ -309,3 +309,64 @@ def test_unrepresentative_head_keeps_the_dtype_accuracy(dtype):
     numpy.testing.assert_allclose(shift, mean, rtol=1e-12)
     numpy.testing.assert_allclose(moments[:, 1], mean, rtol=1e-14)
     numpy.testing.assert_allclose(moments[:, 2], m2, rtol=1e-12)
+
+
+WITHOUT_EXTENSION = r'''
+import sys
+
+class _NoExtension(object):
+    def find_spec(self, name, path=None, target=None):
+        if name == 'multinode_bn._cpu_kernels':
+            raise ImportError('not built (simulated)')
+        return None
+
+sys.meta_path.insert(0, _NoExtension())
+
+import numpy
+import chainer
+import chainer.links as L
+from mpi4py import MPI
+import multinode_bn
+from multinode_bn import communication, cpu_kernels, statistics
+
+assert not cpu_kernels.available() and not cpu_kernels.enabled()
+rng = numpy.random.RandomState(0)
+x = (rng.standard_normal((5, 3, 4, 4)) * 3 + 2).astype(numpy.float32)
+gy = rng.standard_normal(x.shape).astype(numpy.float32)
+results = []
+for link, dtype in [(multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_SELF),
+                     numpy.float32),
+                    (L.BatchNormalization(3, dtype=numpy.float64),
+                     numpy.float64)]:
+    xv = chainer.Variable(x.astype(dtype))
+    y = link(xv)
+    link.cleargrads()
+    y.grad = gy.astype(dtype)
+    y.backward()
+    results.append((y.array, xv.grad, link.gamma.grad, link.avg_var))
+for ours, ref in zip(*results):
+    numpy.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+# The MPI reduction falls back to the NumPy merge.
+a = numpy.abs(rng.standard_normal((4, 3))) + 1
+b = numpy.abs(rng.standard_normal((4, 3))) + 1
+expected = statistics.merge_moments(numpy, a, b)
+communication._merge_moments_op(memoryview(a), memoryview(b), None)
+numpy.testing.assert_array_equal(b, expected)
+print('fallback ok')
+'''
+
+
+def test_package_works_without_the_extension():
+    import subprocess
+    import sys
+    root = os.path.normpath(os.path.join(os.path.dirname(__file__), '..'))
+    environ = dict(os.environ)
+    environ['PYTHONPATH'] = os.path.join(root, 'src') + os.pathsep + \
+        environ.get('PYTHONPATH', '')
+    proc = subprocess.run([sys.executable, '-c', WITHOUT_EXTENSION],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, env=environ, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.strip().endswith('fallback ok')
