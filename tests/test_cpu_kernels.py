@@ -370,3 +370,17 @@ def test_package_works_without_the_extension():
                           timeout=120)
     assert proc.returncode == 0, proc.stdout
     assert proc.stdout.strip().endswith('fallback ok')
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_non_finite_values_stay_non_finite_in_the_moments(dtype, cpu_path):
+    # A NaN or inf must not come out as a finite variance, which would
+    # hide the bad batch from the running statistics.
+    x3 = numpy.random.RandomState(10).standard_normal((32, 3, 1)).astype(
+        dtype)
+    x3[20, 0, 0] = numpy.nan
+    x3[20, 1, 0] = numpy.inf
+    moments, _, _ = statistics.local_moments(numpy, x3, dtype)
+    assert not numpy.isfinite(moments[:2, 1]).any()
+    assert numpy.isnan(moments[:2, 2]).all()
+    assert numpy.isfinite(moments[2]).all()

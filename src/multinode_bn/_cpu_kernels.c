@@ -145,7 +145,8 @@ local_moments_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,    \
         const double m2 = s2[c] - s1[c] * s1[c] / n;                          \
         moments[3 * c] = n;                                                   \
         moments[3 * c + 1] = shift[c] + s1[c] / n;                            \
-        moments[3 * c + 2] = m2 > 0.0 ? m2 : 0.0;                             \
+        /* NaN stays NaN (a non-finite batch must not look like var 0). */    \
+        moments[3 * c + 2] = m2 < 0.0 ? 0.0 : m2;                             \
     }                                                                         \
 }                                                                             \
                                                                               \
