@@ -20,9 +20,11 @@ needs_loops = pytest.mark.skipif(
     not cpu_kernels.available(),
     reason='multinode_bn._cpu_kernels was not built (no C compiler?)')
 
-# (A, C, B): channels last / 2-D, NCHW-like, a single value, one long run.
-SHAPES = [(7, 5, 1), (3, 4, 13), (1, 1, 1), (2, 1, 1000), (33, 70, 1),
-          (4, 3, 49)]
+# (A, C, B): channels last / 2-D (in blocks of 64 channels and a tail),
+# short runs (B <= 16, in blocks of 512 // B channels and a tail), a single
+# value, long runs.
+SHAPES = [(7, 5, 1), (33, 70, 1), (3, 130, 1), (3, 4, 13), (3, 50, 13),
+          (5, 9, 4), (1, 1, 1), (2, 1, 1000), (4, 3, 49)]
 DTYPES = [numpy.float32, numpy.float64]
 
 

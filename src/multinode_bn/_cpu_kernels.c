@@ -46,6 +46,12 @@
 /* The shift of the moments: the mean of at least this many leading values
  * of each channel (no pass over the batch). */
 #define MNBN_SHIFT_SAMPLE 16
+/* Runs of one channel shorter than this (B <= 16: 4 x 4 images and
+ * smaller) are summed position by position over blocks of MNBN_SHORT_BLOCK
+ * values instead: 3-5 times faster there. Longer runs read the batch in
+ * order, which measured faster from the L3 and DRAM (7 x 7 images). */
+#define MNBN_SHORT_RUN 17
+#define MNBN_SHORT_BLOCK 512
 
 #define MNBN_DEFINE_LOOPS(T, NAME)                                            \
                                                                               \
@@ -93,6 +99,35 @@ shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
         }                                                                     \
         return;                                                               \
     }                                                                         \
+    if (B < MNBN_SHORT_RUN) {                                              \
+        /* Short runs (small images): per-position accumulators over the   \
+         * rows for a block of channels, folded per channel at the end, so \
+         * no horizontal sum per run. */                                   \
+        const Py_ssize_t K = MNBN_SHORT_BLOCK / B;                         \
+        double t1[MNBN_SHORT_BLOCK], t2[MNBN_SHORT_BLOCK];                 \
+        double s[MNBN_SHORT_BLOCK];                                        \
+        for (Py_ssize_t c0 = 0; c0 < C; c0 += K) {                         \
+            const Py_ssize_t k = C - c0 < K ? C - c0 : K, E = k * B;       \
+            for (Py_ssize_t i = 0; i < E; ++i) {                           \
+                t1[i] = t2[i] = 0.0;                                       \
+                s[i] = shift[c0 + i / B];                                  \
+            }                                                              \
+            for (Py_ssize_t a = 0; a < A; ++a) {                           \
+                const T *row = x + (a * C + c0) * B;                       \
+                MNBN_SIMD                                                  \
+                for (Py_ssize_t i = 0; i < E; ++i) {                       \
+                    double d = (double)row[i] - s[i];                      \
+                    t1[i] += d;                                            \
+                    t2[i] += d * d;                                        \
+                }                                                          \
+            }                                                              \
+            for (Py_ssize_t i = 0; i < E; ++i) {                           \
+                s1[c0 + i / B] += t1[i];                                   \
+                s2[c0 + i / B] += t2[i];                                   \
+            }                                                              \
+        }                                                                  \
+        return;                                                            \
+    }                                                                      \
     for (Py_ssize_t a = 0; a < A; ++a) {                                      \
         for (Py_ssize_t c = 0; c < C; ++c) {                                  \
             const T *run = x + (a * C + c) * B;                               \
@@ -221,6 +256,34 @@ gradient_sums_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,     \
                 double g = (double)grow[c];                                   \
                 g1[c] += g;                                                   \
                 g2[c] += g * ((double)row[c] - mean[c]);                      \
+            }                                                                 \
+        }                                                                     \
+        return;                                                               \
+    }                                                                         \
+    if (B < MNBN_SHORT_RUN) {                                                 \
+        /* Short runs: as in shifted_sums. */                                 \
+        const Py_ssize_t K = MNBN_SHORT_BLOCK / B;                            \
+        double t1[MNBN_SHORT_BLOCK], t2[MNBN_SHORT_BLOCK];                    \
+        double m[MNBN_SHORT_BLOCK];                                           \
+        for (Py_ssize_t c0 = 0; c0 < C; c0 += K) {                            \
+            const Py_ssize_t k = C - c0 < K ? C - c0 : K, E = k * B;          \
+            for (Py_ssize_t i = 0; i < E; ++i) {                              \
+                t1[i] = t2[i] = 0.0;                                          \
+                m[i] = mean[c0 + i / B];                                      \
+            }                                                                 \
+            for (Py_ssize_t a = 0; a < A; ++a) {                              \
+                const Py_ssize_t at = (a * C + c0) * B;                       \
+                const T *row = x + at, *grow = gy + at;                       \
+                MNBN_SIMD                                                     \
+                for (Py_ssize_t i = 0; i < E; ++i) {                          \
+                    double g = (double)grow[i];                               \
+                    t1[i] += g;                                               \
+                    t2[i] += g * ((double)row[i] - m[i]);                     \
+                }                                                             \
+            }                                                                 \
+            for (Py_ssize_t i = 0; i < E; ++i) {                              \
+                g1[c0 + i / B] += t1[i];                                      \
+                g2[c0 + i / B] += t2[i];                                      \
             }                                                                 \
         }                                                                     \
         return;                                                               \
