@@ -6,24 +6,24 @@
  * array, where NumPy needs a chain of ufunc and einsum passes.
  *
  * Arrays arrive as C-contiguous buffers of float32 or float64 seen as
- * (A, C, B): A and B run over the reduced axes, C over the channels. Two
- * loop orders cover every layout: for B == 1 (channels last, (N, C)) the
- * inner loop runs over channels with one accumulator each; otherwise it runs
- * over the B values of one channel. Sums are accumulated in float64.
+ * (A, C, B): A and B run over the reduced axes, C over the channels. For
+ * B == 1 (channels last, (N, C)) the inner loop runs over channels, with
+ * the sums kept in registers for blocks of channels; otherwise it runs over
+ * the B values of one channel, except that the sums over short runs
+ * (B <= 16) keep one accumulator per position for a block of channels.
+ * Sums are accumulated in float64.
  *
  * The GIL is released while a loop runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* Several instruction-set versions of each loop, picked at load time. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    defined(__GLIBC__) && \
-    defined(__linux__)
+    defined(__GLIBC__) && defined(__linux__)
 #define MNBN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MNBN_CLONES
