@@ -55,10 +55,15 @@
 
 #define MNBN_DEFINE_LOOPS(T, NAME)                                            \
                                                                               \
-/* s1[c] = sum (x - shift[c]), s2[c] = sum (x - shift[c])^2, in float64. */   \
-MNBN_CLONES static void                                                       \
-shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
-                    const double *shift, double *s1, double *s2)              \
+/* The two per-channel reductions share one body: with d = x - center[c],     \
+ * s1[c] = sum u and s2[c] = sum u * d, where u = d (weighted == 0: the       \
+ * shifted sums of the moments) or u = w (weighted == 1: w = gy, the sums of  \
+ * the backward). Inlined into each caller with weighted a constant, so the   \
+ * choice costs nothing in the loops. Sums in float64. */                     \
+static inline __attribute__((always_inline)) void                             \
+pair_sums_##NAME(const T *x, const T *w, Py_ssize_t A, Py_ssize_t C,          \
+                 Py_ssize_t B, const double *center, double *s1, double *s2,  \
+                 const int weighted)                                          \
 {                                                                             \
     memset(s1, 0, C * sizeof(double));                                        \
     memset(s2, 0, C * sizeof(double));                                        \
@@ -69,18 +74,19 @@ shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
         Py_ssize_t c0 = 0;                                                    \
         for (; c0 + MNBN_CHANNEL_BLOCK <= C; c0 += MNBN_CHANNEL_BLOCK) {      \
             double t1[MNBN_CHANNEL_BLOCK], t2[MNBN_CHANNEL_BLOCK];            \
-            double s[MNBN_CHANNEL_BLOCK];                                     \
+            double m[MNBN_CHANNEL_BLOCK];                                     \
             for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
                 t1[c] = t2[c] = 0.0;                                          \
-                s[c] = shift[c0 + c];                                         \
+                m[c] = center[c0 + c];                                        \
             }                                                                 \
             for (Py_ssize_t a = 0; a < A; ++a) {                              \
-                const T *row = x + a * C + c0;                                \
+                const T *row = x + a * C + c0, *wrow = w + a * C + c0;        \
                 MNBN_SIMD                                                     \
                 for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                \
-                    double d = (double)row[c] - s[c];                         \
-                    t1[c] += d;                                               \
-                    t2[c] += d * d;                                           \
+                    double d = (double)row[c] - m[c];                         \
+                    double u = weighted ? (double)wrow[c] : d;                \
+                    t1[c] += u;                                               \
+                    t2[c] += u * d;                                           \
                 }                                                             \
             }                                                                 \
             for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
@@ -89,60 +95,82 @@ shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
             }                                                                 \
         }                                                                     \
         for (Py_ssize_t a = 0; a < A && c0 < C; ++a) {                        \
-            const T *row = x + a * C;                                         \
+            const T *row = x + a * C, *wrow = w + a * C;                      \
             MNBN_SIMD                                                         \
             for (Py_ssize_t c = c0; c < C; ++c) {                             \
-                double d = (double)row[c] - shift[c];                         \
-                s1[c] += d;                                                   \
-                s2[c] += d * d;                                               \
+                double d = (double)row[c] - center[c];                        \
+                double u = weighted ? (double)wrow[c] : d;                    \
+                s1[c] += u;                                                   \
+                s2[c] += u * d;                                               \
             }                                                                 \
         }                                                                     \
         return;                                                               \
     }                                                                         \
-    if (B < MNBN_SHORT_RUN) {                                              \
-        /* Short runs (small images): per-position accumulators over the   \
-         * rows for a block of channels, folded per channel at the end, so \
-         * no horizontal sum per run. */                                   \
-        const Py_ssize_t K = MNBN_SHORT_BLOCK / B;                         \
-        double t1[MNBN_SHORT_BLOCK], t2[MNBN_SHORT_BLOCK];                 \
-        double s[MNBN_SHORT_BLOCK];                                        \
-        for (Py_ssize_t c0 = 0; c0 < C; c0 += K) {                         \
-            const Py_ssize_t k = C - c0 < K ? C - c0 : K, E = k * B;       \
-            for (Py_ssize_t i = 0; i < E; ++i) {                           \
-                t1[i] = t2[i] = 0.0;                                       \
-                s[i] = shift[c0 + i / B];                                  \
-            }                                                              \
-            for (Py_ssize_t a = 0; a < A; ++a) {                           \
-                const T *row = x + (a * C + c0) * B;                       \
-                MNBN_SIMD                                                  \
-                for (Py_ssize_t i = 0; i < E; ++i) {                       \
-                    double d = (double)row[i] - s[i];                      \
-                    t1[i] += d;                                            \
-                    t2[i] += d * d;                                        \
-                }                                                          \
-            }                                                              \
-            for (Py_ssize_t i = 0; i < E; ++i) {                           \
-                s1[c0 + i / B] += t1[i];                                   \
-                s2[c0 + i / B] += t2[i];                                   \
-            }                                                              \
-        }                                                                  \
-        return;                                                            \
-    }                                                                      \
+    if (B < MNBN_SHORT_RUN) {                                                 \
+        /* Short runs (small images): per-position accumulators over the      \
+         * rows for a block of channels, folded per channel at the end, so    \
+         * no horizontal sum per run. */                                      \
+        const Py_ssize_t K = MNBN_SHORT_BLOCK / B;                            \
+        double t1[MNBN_SHORT_BLOCK], t2[MNBN_SHORT_BLOCK];                    \
+        double m[MNBN_SHORT_BLOCK];                                           \
+        for (Py_ssize_t c0 = 0; c0 < C; c0 += K) {                            \
+            const Py_ssize_t k = C - c0 < K ? C - c0 : K, E = k * B;          \
+            for (Py_ssize_t i = 0; i < E; ++i) {                              \
+                t1[i] = t2[i] = 0.0;                                          \
+                m[i] = center[c0 + i / B];                                    \
+            }                                                                 \
+            for (Py_ssize_t a = 0; a < A; ++a) {                              \
+                const Py_ssize_t at = (a * C + c0) * B;                       \
+                const T *row = x + at, *wrow = w + at;                        \
+                MNBN_SIMD                                                     \
+                for (Py_ssize_t i = 0; i < E; ++i) {                          \
+                    double d = (double)row[i] - m[i];                         \
+                    double u = weighted ? (double)wrow[i] : d;                \
+                    t1[i] += u;                                               \
+                    t2[i] += u * d;                                           \
+                }                                                             \
+            }                                                                 \
+            for (Py_ssize_t i = 0; i < E; ++i) {                              \
+                s1[c0 + i / B] += t1[i];                                      \
+                s2[c0 + i / B] += t2[i];                                      \
+            }                                                                 \
+        }                                                                     \
+        return;                                                               \
+    }                                                                         \
     for (Py_ssize_t a = 0; a < A; ++a) {                                      \
         for (Py_ssize_t c = 0; c < C; ++c) {                                  \
-            const T *run = x + (a * C + c) * B;                               \
-            const double s = shift[c];                                        \
+            const Py_ssize_t at = (a * C + c) * B;                            \
+            const T *run = x + at, *wrun = w + at;                            \
+            const double m = center[c];                                       \
             double t1 = 0.0, t2 = 0.0;                                        \
             MNBN_SIMD_SUMS                                                    \
             for (Py_ssize_t b = 0; b < B; ++b) {                              \
-                double d = (double)run[b] - s;                                \
-                t1 += d;                                                      \
-                t2 += d * d;                                                  \
+                double d = (double)run[b] - m;                                \
+                double u = weighted ? (double)wrun[b] : d;                    \
+                t1 += u;                                                      \
+                t2 += u * d;                                                  \
             }                                                                 \
             s1[c] += t1;                                                      \
             s2[c] += t2;                                                      \
         }                                                                     \
     }                                                                         \
+}                                                                             \
+                                                                              \
+/* s1[c] = sum (x - shift[c]), s2[c] = sum (x - shift[c])^2, in float64. */   \
+MNBN_CLONES static void                                                       \
+shifted_sums_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,     \
+                    const double *shift, double *s1, double *s2)              \
+{                                                                             \
+    pair_sums_##NAME(x, x, A, C, B, shift, s1, s2, 0);                        \
+}                                                                             \
+                                                                              \
+/* g1[c] = sum gy, g2[c] = sum gy * (x - mean[c]), in float64. */             \
+MNBN_CLONES static void                                                       \
+gradient_sums_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,     \
+                     Py_ssize_t B, const double *mean, double *g1,            \
+                     double *g2)                                              \
+{                                                                             \
+    pair_sums_##NAME(x, gy, A, C, B, mean, g1, g2, 1);                        \
 }                                                                             \
                                                                               \
 /* (count, mean, m2) per channel into moments (C x 3), and the shift used:    \
@@ -211,97 +239,6 @@ scale_shift_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,      \
             MNBN_SIMD                                                         \
             for (Py_ssize_t b = 0; b < B; ++b)                                \
                 out[b] = (run[b] - s) * k + o;                                \
-        }                                                                     \
-    }                                                                         \
-}                                                                             \
-                                                                              \
-/* g1[c] = sum gy, g2[c] = sum gy * (x - mean[c]), in float64. */             \
-MNBN_CLONES static void                                                       \
-gradient_sums_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,     \
-                     Py_ssize_t B, const double *mean, double *g1,            \
-                     double *g2)                                              \
-{                                                                             \
-    memset(g1, 0, C * sizeof(double));                                        \
-    memset(g2, 0, C * sizeof(double));                                        \
-    if (A == 0 || B == 0)                                                     \
-        return;                                                               \
-    if (B == 1) {                                                             \
-        /* Blocks of channels whose accumulators stay in registers. */        \
-        Py_ssize_t c0 = 0;                                                    \
-        for (; c0 + MNBN_CHANNEL_BLOCK <= C; c0 += MNBN_CHANNEL_BLOCK) {      \
-            double t1[MNBN_CHANNEL_BLOCK], t2[MNBN_CHANNEL_BLOCK];            \
-            double m[MNBN_CHANNEL_BLOCK];                                     \
-            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
-                t1[c] = t2[c] = 0.0;                                          \
-                m[c] = mean[c0 + c];                                          \
-            }                                                                 \
-            for (Py_ssize_t a = 0; a < A; ++a) {                              \
-                const T *row = x + a * C + c0, *grow = gy + a * C + c0;       \
-                MNBN_SIMD                                                     \
-                for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                \
-                    double g = (double)grow[c];                               \
-                    t1[c] += g;                                               \
-                    t2[c] += g * ((double)row[c] - m[c]);                     \
-                }                                                             \
-            }                                                                 \
-            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
-                g1[c0 + c] = t1[c];                                           \
-                g2[c0 + c] = t2[c];                                           \
-            }                                                                 \
-        }                                                                     \
-        for (Py_ssize_t a = 0; a < A && c0 < C; ++a) {                        \
-            const T *row = x + a * C, *grow = gy + a * C;                     \
-            MNBN_SIMD                                                         \
-            for (Py_ssize_t c = c0; c < C; ++c) {                             \
-                double g = (double)grow[c];                                   \
-                g1[c] += g;                                                   \
-                g2[c] += g * ((double)row[c] - mean[c]);                      \
-            }                                                                 \
-        }                                                                     \
-        return;                                                               \
-    }                                                                         \
-    if (B < MNBN_SHORT_RUN) {                                                 \
-        /* Short runs: as in shifted_sums. */                                 \
-        const Py_ssize_t K = MNBN_SHORT_BLOCK / B;                            \
-        double t1[MNBN_SHORT_BLOCK], t2[MNBN_SHORT_BLOCK];                    \
-        double m[MNBN_SHORT_BLOCK];                                           \
-        for (Py_ssize_t c0 = 0; c0 < C; c0 += K) {                            \
-            const Py_ssize_t k = C - c0 < K ? C - c0 : K, E = k * B;          \
-            for (Py_ssize_t i = 0; i < E; ++i) {                              \
-                t1[i] = t2[i] = 0.0;                                          \
-                m[i] = mean[c0 + i / B];                                      \
-            }                                                                 \
-            for (Py_ssize_t a = 0; a < A; ++a) {                              \
-                const Py_ssize_t at = (a * C + c0) * B;                       \
-                const T *row = x + at, *grow = gy + at;                       \
-                MNBN_SIMD                                                     \
-                for (Py_ssize_t i = 0; i < E; ++i) {                          \
-                    double g = (double)grow[i];                               \
-                    t1[i] += g;                                               \
-                    t2[i] += g * ((double)row[i] - m[i]);                     \
-                }                                                             \
-            }                                                                 \
-            for (Py_ssize_t i = 0; i < E; ++i) {                              \
-                g1[c0 + i / B] += t1[i];                                      \
-                g2[c0 + i / B] += t2[i];                                      \
-            }                                                                 \
-        }                                                                     \
-        return;                                                               \
-    }                                                                         \
-    for (Py_ssize_t a = 0; a < A; ++a) {                                      \
-        for (Py_ssize_t c = 0; c < C; ++c) {                                  \
-            const Py_ssize_t at = (a * C + c) * B;                            \
-            const T *run = x + at, *grun = gy + at;                           \
-            const double m = mean[c];                                         \
-            double t1 = 0.0, t2 = 0.0;                                        \
-            MNBN_SIMD_SUMS                                                    \
-            for (Py_ssize_t b = 0; b < B; ++b) {                              \
-                double g = (double)grun[b];                                   \
-                t1 += g;                                                      \
-                t2 += g * ((double)run[b] - m);                               \
-            }                                                                 \
-            g1[c] += t1;                                                      \
-            g2[c] += t2;                                                      \
         }                                                                     \
     }                                                                         \
 }                                                                             \
