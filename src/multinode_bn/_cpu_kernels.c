@@ -388,6 +388,100 @@ fail:
     return -1;
 }
 
+/* ---- one call of a loop, from checked arguments ------------------------ */
+
+/* Runs one loop over the buffers of `k` (GIL released): `number` is the
+ * call's float argument, `scratch` holds `Kernel.scratch * C` doubles. */
+typedef void (*Runner)(const Call *k, double number, double *scratch);
+
+#define MNBN_DEFINE_RUNNERS(T, NAME)                                          \
+static void                                                                   \
+run_local_moments_##NAME(const Call *k, double number, double *scratch)       \
+{                                                                             \
+    local_moments_##NAME(k->buf[0].buf, k->A, k->C, k->B, number,             \
+                         k->buf[1].buf, k->buf[2].buf, scratch,               \
+                         scratch + k->C);                                     \
+}                                                                             \
+                                                                              \
+static void                                                                   \
+run_scale_shift_##NAME(const Call *k, double number, double *scratch)         \
+{                                                                             \
+    const T *c = k->buf[1].buf;                                               \
+    scale_shift_##NAME(k->buf[0].buf, k->A, k->C, k->B, c, c + k->C,          \
+                       c + 2 * k->C, k->buf[2].buf);                          \
+}                                                                             \
+                                                                              \
+static void                                                                   \
+run_gradient_sums_##NAME(const Call *k, double number, double *scratch)       \
+{                                                                             \
+    double *out = k->buf[3].buf;                                              \
+    gradient_sums_##NAME(k->buf[0].buf, k->buf[1].buf, k->A, k->C, k->B,     \
+                         k->buf[2].buf, out, out + k->C);                     \
+}                                                                             \
+                                                                              \
+static void                                                                   \
+run_input_gradient_##NAME(const Call *k, double number, double *scratch)      \
+{                                                                             \
+    const T *c = k->buf[2].buf;                                               \
+    input_gradient_##NAME(k->buf[0].buf, k->buf[1].buf, k->A, k->C, k->B, c,  \
+                          c + k->C, c + 2 * k->C, c + 3 * k->C,               \
+                          k->buf[3].buf);                                     \
+}
+
+MNBN_DEFINE_RUNNERS(float, f4)
+MNBN_DEFINE_RUNNERS(double, f8)
+
+/* One entry point: its buffers, whether it takes a float after them and
+ * needs a non-empty batch, its scratch per channel, its two loops. */
+typedef struct {
+    const Operand *ops;
+    int n;
+    int takes_number;
+    int needs_values;
+    Py_ssize_t scratch;
+    Runner f4, f8;
+} Kernel;
+
+static PyObject *
+run_kernel(PyObject *args, const Kernel *kernel)
+{
+    Call k;
+    double number = 0.0;
+    if (open_call(&k, args, kernel->ops, kernel->n,
+                  kernel->takes_number ? &number : NULL))
+        return NULL;
+    if (kernel->needs_values && (k.A == 0 || k.B == 0)) {
+        Py_DECREF(close_call(&k));
+        PyErr_SetString(PyExc_ValueError, "empty batch: no values to sum");
+        return NULL;
+    }
+    double *scratch = NULL;
+    if (kernel->scratch) {
+        scratch = PyMem_Malloc((kernel->scratch * k.C + 1) * sizeof(double));
+        if (!scratch) {
+            Py_DECREF(close_call(&k));
+            return PyErr_NoMemory();
+        }
+    }
+    Runner run = k.size == 4 ? kernel->f4 : kernel->f8;
+    Py_BEGIN_ALLOW_THREADS
+    run(&k, number, scratch);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(scratch);
+    return close_call(&k);
+}
+
+#define MNBN_ENTRY(NAME, NBUF, NUMBER, VALUES, SCRATCH)                       \
+static const Kernel NAME##_kernel = {                                         \
+    NAME##_ops, NBUF, NUMBER, VALUES, SCRATCH,                                \
+    run_##NAME##_f4, run_##NAME##_f8};                                        \
+                                                                              \
+static PyObject *                                                             \
+py_##NAME(PyObject *self, PyObject *args)                                     \
+{                                                                             \
+    return run_kernel(args, &NAME##_kernel);                                  \
+}
+
 /* ---- Python entry points ------------------------------------------------ */
 
 PyDoc_STRVAR(local_moments_doc,
@@ -402,36 +496,7 @@ PyDoc_STRVAR(local_moments_doc,
 static const Operand local_moments_ops[] = {
     {"x", BATCH, 0, 0}, {"shift", CHANNELS_F8, 1, 1},
     {"moments", CHANNELS_F8, 3, 1}};
-
-static PyObject *
-py_local_moments(PyObject *self, PyObject *args)
-{
-    Call k;
-    double tolerance;
-    if (open_call(&k, args, local_moments_ops, 3, &tolerance))
-        return NULL;
-    if (k.A == 0 || k.B == 0) {
-        Py_DECREF(close_call(&k));
-        PyErr_SetString(PyExc_ValueError, "local_moments of an empty batch");
-        return NULL;
-    }
-    double *scratch = PyMem_Malloc((2 * k.C + 1) * sizeof(double));
-    if (!scratch) {
-        Py_DECREF(close_call(&k));
-        return PyErr_NoMemory();
-    }
-    double *shift = k.buf[1].buf, *moments = k.buf[2].buf;
-    Py_BEGIN_ALLOW_THREADS
-    if (k.size == 4)
-        local_moments_f4(k.buf[0].buf, k.A, k.C, k.B, tolerance, shift,
-                         moments, scratch, scratch + k.C);
-    else
-        local_moments_f8(k.buf[0].buf, k.A, k.C, k.B, tolerance, shift,
-                         moments, scratch, scratch + k.C);
-    Py_END_ALLOW_THREADS
-    PyMem_Free(scratch);
-    return close_call(&k);
-}
+MNBN_ENTRY(local_moments, 3, 1, 1, 2)
 
 PyDoc_STRVAR(scale_shift_doc,
 "scale_shift(itemsize, A, C, B, x, coef, y)\n\n"
@@ -440,27 +505,7 @@ PyDoc_STRVAR(scale_shift_doc,
 
 static const Operand scale_shift_ops[] = {
     {"x", BATCH, 0, 0}, {"coef", CHANNELS, 3, 0}, {"y", BATCH, 0, 1}};
-
-static PyObject *
-py_scale_shift(PyObject *self, PyObject *args)
-{
-    Call k;
-    if (open_call(&k, args, scale_shift_ops, 3, NULL))
-        return NULL;
-    const Py_ssize_t C = k.C;
-    Py_BEGIN_ALLOW_THREADS
-    if (k.size == 4) {
-        const float *c = k.buf[1].buf;
-        scale_shift_f4(k.buf[0].buf, k.A, C, k.B, c, c + C, c + 2 * C,
-                       k.buf[2].buf);
-    } else {
-        const double *c = k.buf[1].buf;
-        scale_shift_f8(k.buf[0].buf, k.A, C, k.B, c, c + C, c + 2 * C,
-                       k.buf[2].buf);
-    }
-    Py_END_ALLOW_THREADS
-    return close_call(&k);
-}
+MNBN_ENTRY(scale_shift, 3, 0, 0, 0)
 
 PyDoc_STRVAR(gradient_sums_doc,
 "gradient_sums(itemsize, A, C, B, x, gy, mean, out)\n\n"
@@ -471,25 +516,7 @@ PyDoc_STRVAR(gradient_sums_doc,
 static const Operand gradient_sums_ops[] = {
     {"x", BATCH, 0, 0}, {"gy", BATCH, 0, 0}, {"mean", CHANNELS_F8, 1, 0},
     {"out", CHANNELS_F8, 2, 1}};
-
-static PyObject *
-py_gradient_sums(PyObject *self, PyObject *args)
-{
-    Call k;
-    if (open_call(&k, args, gradient_sums_ops, 4, NULL))
-        return NULL;
-    const double *mean = (const double *)k.buf[2].buf;
-    double *out = (double *)k.buf[3].buf;
-    Py_BEGIN_ALLOW_THREADS
-    if (k.size == 4)
-        gradient_sums_f4(k.buf[0].buf, k.buf[1].buf, k.A, k.C, k.B, mean,
-                         out, out + k.C);
-    else
-        gradient_sums_f8(k.buf[0].buf, k.buf[1].buf, k.A, k.C, k.B, mean,
-                         out, out + k.C);
-    Py_END_ALLOW_THREADS
-    return close_call(&k);
-}
+MNBN_ENTRY(gradient_sums, 4, 0, 0, 0)
 
 PyDoc_STRVAR(input_gradient_doc,
 "input_gradient(itemsize, A, C, B, x, gy, coef, gx)\n\n"
@@ -499,27 +526,7 @@ PyDoc_STRVAR(input_gradient_doc,
 static const Operand input_gradient_ops[] = {
     {"x", BATCH, 0, 0}, {"gy", BATCH, 0, 0}, {"coef", CHANNELS, 4, 0},
     {"gx", BATCH, 0, 1}};
-
-static PyObject *
-py_input_gradient(PyObject *self, PyObject *args)
-{
-    Call k;
-    if (open_call(&k, args, input_gradient_ops, 4, NULL))
-        return NULL;
-    const Py_ssize_t C = k.C;
-    Py_BEGIN_ALLOW_THREADS
-    if (k.size == 4) {
-        const float *c = k.buf[2].buf;
-        input_gradient_f4(k.buf[0].buf, k.buf[1].buf, k.A, C, k.B, c, c + C,
-                          c + 2 * C, c + 3 * C, k.buf[3].buf);
-    } else {
-        const double *c = k.buf[2].buf;
-        input_gradient_f8(k.buf[0].buf, k.buf[1].buf, k.A, C, k.B, c, c + C,
-                          c + 2 * C, c + 3 * C, k.buf[3].buf);
-    }
-    Py_END_ALLOW_THREADS
-    return close_call(&k);
-}
+MNBN_ENTRY(input_gradient, 4, 0, 0, 0)
 
 PyDoc_STRVAR(merge_moments_doc,
 "merge_moments(a, b)\n\n"
