@@ -45,14 +45,13 @@ import os
 
 import numpy
 
+from multinode_bn.cuda_kernels import MOMENTS_DTYPE
 from multinode_bn.cuda_kernels import ShiftedInput
 
 try:
     from multinode_bn import _cpu_kernels as _native
 except ImportError:  # pragma: no cover - built without a C compiler
     _native = None
-
-MOMENTS_DTYPE = numpy.float64
 
 #: Largest distance, in standard deviations, between a channel's shift and
 #: its mean before the moments are summed again around the mean.

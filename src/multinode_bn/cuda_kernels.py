@@ -539,7 +539,8 @@ _C_TYPES = {'float16': 'half_t', 'float32': 'float', 'float64': 'double'}
 def accumulation_dtype(dtype):
     """float16 is accumulated in float32, float32 and float64 in themselves.
 
-    The same rule as :func:`multinode_bn.statistics.accumulation_dtype`.
+    The rule of the whole statistics layer (:mod:`multinode_bn.statistics`
+    uses this function).
     """
     dtype = numpy.dtype(dtype)
     return numpy.dtype(numpy.float32) if dtype.itemsize < 4 else dtype
@@ -607,15 +608,18 @@ def _i64(v):
 
 
 class ShiftedInput(object):
-    """``x3 - shift`` of the CPU path, left for the kernels to subtract.
+    """``x3 - shift`` kept as the pair, for the kernels to subtract.
 
-    What :func:`local_moments` and :func:`backward_sums` return as
-    ``centred``; :func:`normalize_into` and :func:`input_gradient_into`
-    read ``x3`` and subtract ``shift[c]`` as they go.
+    What :func:`local_moments` and :func:`backward_sums` (here and in
+    :mod:`multinode_bn.cpu_kernels`) return as ``centred``; the
+    normalization and input gradient read ``x3`` and subtract a shift as
+    they go.
 
     Attributes:
         x3: C-contiguous input, ``(A, C, B)``.
-        shift: Per-channel shift ``(C,)`` in the accumulation dtype.
+        shift: Per-channel shift ``(C,)``: in the accumulation dtype here;
+            float64 from the C moments, whose normalization subtracts the
+            global mean instead.
     """
 
     __slots__ = ('x3', 'shift')

@@ -53,8 +53,10 @@ import numpy
 
 from multinode_bn import cpu_kernels
 from multinode_bn import cuda_kernels
-
-MOMENTS_DTYPE = numpy.float64
+# One definition for the three statistics modules: the dtype moments and
+# sums travel in, and float16 summed in float32, the rest in their own dtype.
+from multinode_bn.cuda_kernels import MOMENTS_DTYPE  # NOQA
+from multinode_bn.cuda_kernels import accumulation_dtype  # NOQA
 
 
 def reduced_view(x, axis):
@@ -196,12 +198,6 @@ def _channel_op(xp, ufunc, a3, v, out):
     else:
         ufunc(a3, v[None, :, None], out=out)
     return out
-
-
-def accumulation_dtype(dtype):
-    """float16 inputs are summed in float32, the rest in their own dtype."""
-    dtype = numpy.dtype(dtype)
-    return numpy.dtype(numpy.float32) if dtype.itemsize < 4 else dtype
 
 
 def _input_view(x3):
