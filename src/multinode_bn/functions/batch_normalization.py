@@ -20,7 +20,6 @@ from chainer.utils import argument
 import chainerx
 
 from multinode_bn import communication
-from multinode_bn import cpu_kernels
 from multinode_bn import statistics
 from multinode_bn import validation
 
@@ -110,11 +109,6 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         interm_dtype = numpy.promote_types(x.dtype, gamma.dtype)
         x3 = statistics.reduced_view(x, axis)
         gy3 = statistics.reduced_view(gy, axis)
-        if (xp is numpy and not gy3.flags.c_contiguous
-                and cpu_kernels.usable(x3, interm_dtype)):
-            # A broadcast gy (the gradient of F.sum, say): both C loops
-            # read it, so it is made contiguous once, here.
-            gy3 = numpy.ascontiguousarray(gy3)
         sums, centred, shift = statistics.backward_sums(
             xp, gy3, x3, forward_data.mean, interm_dtype,
             inv_std=forward_data.inv_std)
