@@ -528,55 +528,11 @@ static const Operand input_gradient_ops[] = {
     {"gx", BATCH, 0, 1}};
 MNBN_ENTRY(input_gradient, 4, 0, 0, 0)
 
-PyDoc_STRVAR(merge_moments_doc,
-"merge_moments(a, b)\n\n"
-"b = merge(a, b) for float64 (count, mean, m2) triples, in place, with the\n"
-"formula of multinode_bn.statistics.merge_moments (the same operations in\n"
-"the same order, so the result does not depend on the order of a and b).\n"
-"Rows whose count in a is negative are header rows: summed elementwise.");
-
-static PyObject *
-py_merge_moments(PyObject *self, PyObject *args)
-{
-    Py_buffer b[2];
-    if (!PyArg_ParseTuple(args, "y*w*", &b[0], &b[1]))
-        return NULL;
-    Py_ssize_t n = b[1].len / (3 * (Py_ssize_t)sizeof(double));
-    if (check_length(&b[0], 3 * n, 8, "a") ||
-            check_length(&b[1], 3 * n, 8, "b")) {
-        PyBuffer_Release(&b[0]);
-        PyBuffer_Release(&b[1]);
-        return NULL;
-    }
-    const double *x = (const double *)b[0].buf;
-    double *y = (double *)b[1].buf;
-    for (Py_ssize_t i = 0; i < n; ++i, x += 3, y += 3) {
-        if (x[0] < 0) {
-            y[0] += x[0];
-            y[1] += x[1];
-            y[2] += x[2];
-            continue;
-        }
-        const double na = x[0], ma = x[1], m2a = x[2];
-        const double nb = y[0], mb = y[1], m2b = y[2];
-        const double count = na + nb;
-        const double safe = count > 0 ? count : 1.0;
-        const double delta = mb - ma;
-        y[0] = count;
-        y[1] = (na * ma + nb * mb) / safe;
-        y[2] = m2a + m2b + delta * delta * (na * nb / safe);
-    }
-    PyBuffer_Release(&b[0]);
-    PyBuffer_Release(&b[1]);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"local_moments", py_local_moments, METH_VARARGS, local_moments_doc},
     {"scale_shift", py_scale_shift, METH_VARARGS, scale_shift_doc},
     {"gradient_sums", py_gradient_sums, METH_VARARGS, gradient_sums_doc},
     {"input_gradient", py_input_gradient, METH_VARARGS, input_gradient_doc},
-    {"merge_moments", py_merge_moments, METH_VARARGS, merge_moments_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,18 +7,20 @@ This module turns it into a *statistics exchange*: an object that allreduces
 the small per-channel buffers of :mod:`multinode_bn.statistics` and nothing
 else. Every collective call of the package is in this file.
 
-Two exchanges exist:
+Two exchanges exist, with one format: a float64 buffer summed elementwise
+over processes (the moments as sums around a shift shared by every process,
+see :func:`multinode_bn.statistics.moments_to_shifted_sums`, or the sums of
+the backward), with the few numbers of the in-band input check of
+:mod:`multinode_bn.validation` in front.
 
-* :class:`MpiStatsExchange` moves host buffers with mpi4py. Moments are
-  combined by a user-defined MPI operation applying
-  :func:`~multinode_bn.statistics.merge_moments` per channel, so the merge is
-  numerically stable whatever the mean; CuPy buffers are staged through host
-  memory (the buffers are O(channels), not O(batch)).
+* :class:`MpiStatsExchange` moves host buffers with one ``Iallreduce`` of
+  MPI's built-in ``SUM`` (header and statistics together); CuPy buffers are
+  staged through host memory (they are O(channels), not O(batch)).
 * :class:`NcclStatsExchange` allreduces device buffers with the NCCL
   communicator of ChainerMN's ``PureNcclCommunicator`` on the current stream,
-  in buffers allocated once per link and reused. Nothing waits for the
-  device: the few numbers of the in-band input check are summed on the host
-  by MPI, before NCCL sees a buffer.
+  in buffers allocated once per link and reused. The in-band check is summed
+  on the host by MPI first, so processes whose inputs disagree (possibly in
+  the buffer size) learn it before NCCL is handed a buffer.
 """
 
 import os
@@ -27,8 +29,6 @@ import time
 
 import numpy
 
-from multinode_bn import cpu_kernels
-from multinode_bn import statistics
 from multinode_bn import validation
 
 BACKENDS = ('mpi', 'nccl', 'auto')
@@ -199,41 +199,6 @@ def wait(request, rank, describe, policy=None):
                 raise StallError(line)
 
 
-def _merge_moments_op(inbuf, inoutbuf, datatype):
-    if cpu_kernels.available():
-        cpu_kernels.merge_moments_into(inbuf, inoutbuf)
-        return
-    a = numpy.frombuffer(inbuf, dtype=numpy.float64).reshape(-1, 3)
-    b = numpy.frombuffer(inoutbuf, dtype=numpy.float64).reshape(-1, 3)
-    # Header rows carry a negative count and are plain sums; MPI may hand
-    # this function any slice of the buffer, so rows are told apart by
-    # content, not position.
-    header = a[:, 0] < 0
-    if header.any():
-        summed = a[header] + b[header]
-        statistics.merge_moments(numpy, a, b, out=b)
-        b[header] = summed
-    else:
-        statistics.merge_moments(numpy, a, b, out=b)
-
-
-class _MpiHandles(object):
-    """The MPI datatype and operation for moments, created on first use."""
-
-    triple = None
-    merge = None
-
-    @classmethod
-    def get(cls):
-        if cls.merge is None:
-            MPI = _mpi()
-            # One element is a whole (count, mean, m2) triple, so MPI never
-            # splits a triple when it segments a large buffer.
-            cls.triple = MPI.DOUBLE.Create_contiguous(3).Commit()
-            cls.merge = MPI.Op.Create(_merge_moments_op, commute=True)
-        return cls.triple, cls.merge
-
-
 class _StatsExchange(object):
     """What both exchanges share: the communicator and the host collectives.
 
@@ -299,37 +264,24 @@ class MpiStatsExchange(_StatsExchange):
 
     backend = 'mpi'
 
-    def allreduce_moments(self, moments, header=None, describe=str):
-        """Global ``(count, mean, m2)`` per channel, from a ``(C, 3)`` float64 array.
+    def allreduce_sums(self, buf, header, describe=str):
+        """Sums a float64 buffer and an in-band header over processes, in
+        one collective.
 
         Args:
-            moments: Local moments, ``(C, 3)`` float64.
-            header: Optional float64 vector of even length, summed over
-                processes in the same collective (the in-band input check
-                of :mod:`multinode_bn.validation`).
+            buf: float64 vector (NumPy or CuPy).
+            header: float64 host vector (the in-band input check).
             describe: Returns what this call is, for a stall report.
 
         Returns:
-            tuple: Global moments and the summed header (or ``None``).
+            tuple: The summed buffer (like ``buf``) and the summed header.
         """
         if self.size == 1:
-            return moments, header
-        host = _to_host(moments)
-        if header is not None:
-            rows = numpy.empty((len(header) // 2, 3))
-            rows[:, 0] = -1.0
-            rows[:, 1:] = numpy.reshape(header, (-1, 2))
-            host = numpy.concatenate([rows, host])
-        triple, merge = _MpiHandles.get()
-        out = numpy.empty_like(host)
-        request = self.mpi_comm.Iallreduce([host, host.shape[0], triple],
-                                           [out, out.shape[0], triple],
-                                           op=merge)
-        self._wait(request, describe, host, out)
-        if header is None:
-            return _like(moments, out), None
-        n = len(header) // 2
-        return _like(moments, out[n:]), out[:n, 1:].ravel()
+            return buf, header
+        n = len(header)
+        out = self._host_sum(numpy.concatenate([header, _to_host(buf)]),
+                             describe)
+        return _like(buf, out[n:]), out[:n]
 
     def allreduce_sum(self, buf, describe=str):
         """Elementwise sum over ranks of a float64 array."""
@@ -341,11 +293,8 @@ class MpiStatsExchange(_StatsExchange):
 class NcclStatsExchange(_StatsExchange):
     """Exchanges statistics with NCCL on the current CUDA stream.
 
-    Moments travel as ``(count, sum, sum of squares)`` sums in float64
-    (NCCL has no user-defined reductions); see
-    :func:`~multinode_bn.statistics.moments_to_sums` for the precision this
-    keeps. Device buffers are allocated once per device, stream and size,
-    and reused.
+    Device buffers are allocated once per device, stream and size, and
+    reused.
 
     The in-band input check of the forward (six float64 numbers) is summed
     on the host with MPI, not appended to the NCCL buffer: reading it back
@@ -388,23 +337,18 @@ class NcclStatsExchange(_StatsExchange):
                                       stream.ptr)
         return buf.reshape(arr.shape)
 
-    def allreduce_moments(self, moments, header=None, describe=str):
-        """See :meth:`MpiStatsExchange.allreduce_moments`; the summed
-        header is a host array."""
+    def allreduce_sums(self, buf, header, describe=str):
+        """See :meth:`MpiStatsExchange.allreduce_sums`: two collectives,
+        the header on the host first, then ``buf`` on the device (only when
+        every process's header agrees; the result is a new array)."""
         if self.size == 1:
-            return moments, header
-        import cupy
-        summed_header = None
-        if header is not None:
-            summed_header = self._host_sum(header, describe)
-            if not validation.inband_agrees(summed_header):
-                # Every process reads the same sums, so all of them skip
-                # the device collective, and the caller raises.
-                return moments, summed_header
-        sums = statistics.moments_to_sums(cupy, cupy.asarray(moments))
-        summed = self._allreduce_device(sums)
-        # sums_to_moments writes new arrays: the buffer is free again.
-        return statistics.sums_to_moments(cupy, summed), summed_header
+            return buf, header
+        summed_header = self._host_sum(header, describe)
+        if not validation.inband_agrees(summed_header):
+            # Every process reads the same sums, so all of them skip the
+            # device collective, and the caller raises.
+            return buf, summed_header
+        return self.allreduce_sum(buf, describe), summed_header
 
     def allreduce_sum(self, buf, describe=str):
         """Elementwise sum over ranks of a float64 device array (a new

@@ -8,6 +8,7 @@ implementation whose forward and backward compute local per-channel sums
 collective each (:mod:`multinode_bn.communication`).
 """
 
+import os
 import warnings
 
 import numpy
@@ -20,6 +21,7 @@ from chainer.utils import argument
 import chainerx
 
 from multinode_bn import communication
+from multinode_bn import cpu_kernels
 from multinode_bn import statistics
 from multinode_bn import validation
 
@@ -46,12 +48,51 @@ def get_communication_backend(comm, communication_backend='auto'):
 class _ForwardData(object):
     """What the backward needs from the forward of one call."""
 
-    __slots__ = ('count', 'mean', 'inv_std')
+    __slots__ = ('count', 'mean', 'inv_std', 'statistics')
 
-    def __init__(self, count, mean, inv_std):
+    def __init__(self, count, mean, inv_std, statistics):
         self.count = count
         self.mean = mean
         self.inv_std = inv_std
+        self.statistics = statistics
+
+
+_warned_without_loops = []
+
+
+def choose_statistics(x, dtype):
+    """The statistics backend for input ``x`` computed in ``dtype``.
+
+    The C loops of :mod:`multinode_bn.cpu_kernels` for float32 and float64
+    NumPy inputs computed in their own dtype (unless
+    ``MULTINODE_BN_CPU_KERNELS=0``), the plain
+    :class:`~multinode_bn.statistics.ReferenceStatistics` otherwise (CuPy,
+    float16, mixed precision). Chosen once per input signature.
+    """
+    if type(x) is numpy.ndarray and dtype in _LOOP_DTYPES:
+        if not cpu_kernels.available():
+            if not _warned_without_loops:
+                _warned_without_loops.append(True)
+                warnings.warn(
+                    'multinode_bn was installed without its C extension (no '
+                    'C compiler at install time?): batch normalization on '
+                    'the CPU runs the slower NumPy code. Reinstall with a C '
+                    'compiler to get the one-pass loops.', RuntimeWarning)
+        elif _cpu_kernels_enabled() and cpu_kernels.serves(
+                x, dtype):
+            return cpu_kernels.CpuStatistics(dtype)
+    return statistics.ReferenceStatistics(backend.get_array_module(x),
+                                          dtype)
+
+
+_LOOP_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _cpu_kernels_enabled():
+    """``MULTINODE_BN_CPU_KERNELS``: ``0``, ``off``, ``false`` or ``no``
+    switches the C loops off (default on)."""
+    value = os.environ.get('MULTINODE_BN_CPU_KERNELS', '1').strip().lower()
+    return value not in ('0', 'off', 'false', 'no')
 
 
 class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
@@ -61,7 +102,8 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         exchange: A statistics exchange from
             :func:`multinode_bn.communication.create_exchange`.
         selector (MultiNodeBNImplSelector): Owner of the per-call input
-            check that travels with the statistics.
+            check that travels with the statistics, and of the statistics
+            backend chosen per input signature.
     """
 
     def __init__(self, exchange, selector):
@@ -75,30 +117,33 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
     def forward(self, axis, gamma, x, x_layout, xp, expander,
                 beta, eps, decay, running_mean, running_var):
         interm_dtype = numpy.promote_types(x.dtype, gamma.dtype)
-        x3 = statistics.reduced_view(x, axis)
-        moments, centred, shift = statistics.local_moments(xp, x3,
-                                                           interm_dtype)
+        stats = self.selector.statistics_for(x, interm_dtype)
+        layout = statistics.Layout(x, axis)
+        x3 = layout.view(x)
+        if x3.size:
+            moments = stats.local_moments(x3)
+        else:
+            moments = xp.zeros((x3.shape[1], 3), statistics.MOMENTS_DTYPE)
         self._debug_check(moments, 'forward')
-        moments = self.selector.exchange_moments(moments)
+        moments = self.selector.exchange_moments(moments, eps)
 
         count = moments[0, 0]
         mean = moments[:, 1]
         var = moments[:, 2] / xp.maximum(count, 1.0)
         inv_std = 1.0 / xp.sqrt(var + eps)
 
-        y3 = statistics.normalize_into(
-            xp, centred, shift, mean, inv_std,
-            gamma.astype(statistics.MOMENTS_DTYPE).ravel(),
-            beta.astype(statistics.MOMENTS_DTYPE).ravel())
-        y = statistics.restore_shape(y3.astype(x.dtype, copy=False),
-                                     x.shape, axis)
+        gamma64 = gamma.astype(statistics.MOMENTS_DTYPE).ravel()
+        y3 = stats.normalize(
+            x3, mean, gamma64 * inv_std,
+            beta.astype(statistics.MOMENTS_DTYPE).ravel(), x.dtype)
+        y = layout.restore(y3)
 
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, count,
                             decay, gamma.shape)
 
         shape = gamma.shape
-        forward_data = _ForwardData(count, mean, inv_std)
+        forward_data = _ForwardData(count, mean, inv_std, stats)
         return (y, x_layout, running_mean, running_var,
                 mean.astype(interm_dtype).reshape(shape),
                 var.astype(interm_dtype).reshape(shape),
@@ -106,23 +151,26 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
 
     def backward(self, axis, gamma, gy, x, x_layout, xp,
                  expander, mean, inv_std, eps, var, forward_data):
-        interm_dtype = numpy.promote_types(x.dtype, gamma.dtype)
-        x3 = statistics.reduced_view(x, axis)
-        gy3 = statistics.reduced_view(gy, axis)
-        sums, centred, shift = statistics.backward_sums(
-            xp, gy3, x3, forward_data.mean, interm_dtype,
-            inv_std=forward_data.inv_std)
+        stats = forward_data.statistics
+        layout = statistics.Layout(x, axis)
+        x3 = layout.view(x)
+        # The upstream gradient seen in the input's memory order: a view
+        # when it has that order, one copy otherwise.
+        gy3 = layout.view(gy)
+        mean64, inv_std64 = forward_data.mean, forward_data.inv_std
+        if x3.size:
+            sums = stats.backward_sums(x3, gy3, mean64)
+        else:
+            sums = xp.zeros((2, x3.shape[1]), statistics.MOMENTS_DTYPE)
         self._debug_check(sums, 'backward')
         sums = self.exchange.allreduce_sum(
             sums, lambda: self.selector.describe('backward'))
 
-        inv_std64 = forward_data.inv_std
-        a, b, c = statistics.input_gradient_coefficients(
-            gamma.astype(statistics.MOMENTS_DTYPE).ravel(), inv_std64, sums,
-            forward_data.count, forward_data.mean, shift)
-        gx3 = statistics.input_gradient_into(xp, centred, gy3, a, b, c,
-                                             x.dtype)
-        gx = statistics.restore_shape(gx3, x.shape, axis)
+        gamma64 = gamma.astype(statistics.MOMENTS_DTYPE).ravel()
+        p, q, r = statistics.gradient_coefficients(
+            gamma64, inv_std64, sums, forward_data.count)
+        gx = layout.restore(
+            stats.input_gradient(x3, gy3, mean64, p, q, r, x.dtype))
 
         # Parameter gradients are the global sums divided by the number of
         # processes: after the data-parallel optimizer averages gradients
@@ -188,6 +236,11 @@ class MultiNodeBNImplSelector(object):
         self._header = None
         self._digests = (0, 0)
         self._problem = validation.OK
+        self._statistics = {}
+        # The shift of the exchanged sums: the same on every process (the
+        # previous global mean of this link), near the mean of the next
+        # batch; zero before the first exchange.
+        self._shift = None
 
     def __call__(self, batch_norm_func, inputs):
         return self._impl
@@ -250,11 +303,36 @@ class MultiNodeBNImplSelector(object):
             self._header, lambda: self.describe('input check'))
         validation.check_headers(headers, self.exchange.rank, self.label)
 
-    def exchange_moments(self, moments):
-        """Global moments; raises on every process if any input was bad."""
+    def statistics_for(self, x, dtype):
+        """The statistics backend for ``x`` computed in ``dtype``, chosen
+        once per array type and dtypes (:func:`choose_statistics`)."""
+        key = (type(x), x.dtype, dtype)
+        stats = self._statistics.get(key)
+        if stats is None:
+            stats = self._statistics[key] = choose_statistics(x, dtype)
+        return stats
+
+    def exchange_moments(self, moments, eps=0.0):
+        """Global ``(count, mean, m2)`` from local ones; raises on every
+        process if any input was bad.
+
+        One collective of sums around the shared shift (the previous global
+        mean of this link). Should the new mean lie far from it (the first
+        call, or a jump of the data), the sums are exchanged once more
+        around the mean just found: every process sees the same numbers,
+        so all of them decide alike.
+        """
+        xp = backend.get_array_module(moments)
+        shift = self._shift
+        if shift is None or shift.shape[0] != moments.shape[0]:
+            shift = xp.zeros(moments.shape[0], statistics.MOMENTS_DTYPE)
         header = validation.inband_header(self._digests, self._problem)
-        merged, summed = self.exchange.allreduce_moments(
-            moments, header, lambda: self.describe('forward'))
+        if self.exchange.size == 1:
+            sums, summed = None, header
+        else:
+            sums, summed = self.exchange.allreduce_sums(
+                statistics.moments_to_shifted_sums(xp, moments, shift),
+                header, lambda: self.describe('forward'))
         if not validation.inband_agrees(summed):
             self._agreed = False
             self._check_headers()  # raises the detailed error
@@ -262,6 +340,17 @@ class MultiNodeBNImplSelector(object):
                 '{} (raised on rank {}): processes fed call {} inputs that '
                 'disagree.'.format(self.label, self.exchange.rank,
                                    self.calls))
+        if sums is None:
+            return moments
+        merged = statistics.shifted_sums_to_moments(xp, sums, shift)
+        if statistics.shift_too_far(merged, shift, eps):
+            shift = merged[:, 1]
+            sums = self.exchange.allreduce_sum(
+                statistics.moments_to_shifted_sums(xp, moments, shift),
+                lambda: self.describe('forward (around the mean)'))
+            merged = statistics.shifted_sums_to_moments(xp, sums, shift)
+        mean = merged[:, 1]
+        self._shift = xp.where(xp.isfinite(mean), mean, shift)
         return merged
 
     def check_finite(self, local, stage):
