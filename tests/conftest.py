@@ -144,6 +144,17 @@ for _name in COLLECTIVE_NAMES:
     setattr(CountingComm, _name, _counting(_name))
 
 
+def _counting_dup(self):
+    # Each link exchanges on its own duplicate: count there too.
+    self.calls.append('Dup')
+    dup = CountingComm(MPI.Intracomm.Dup(self))
+    dup.calls = self.calls
+    return dup
+
+
+CountingComm.Dup = _counting_dup
+
+
 @pytest.fixture
 def comm():
     return MPI.COMM_WORLD

@@ -261,27 +261,33 @@ def fake_cupy(monkeypatch):
     return fake
 
 
-def _nccl_exchange(ranks=2):
+def _nccl_exchange(ranks=2, channels=4):
     from mpi4py import MPI
     fake_comm = _fake_nccl_class()(MPI.COMM_WORLD, _FakeNcclComm(ranks))
     exchange = communication.NcclStatsExchange(fake_comm)
     # Two identical processes, as far as the exchange can tell.
     exchange.size = ranks
     exchange.mpi_comm = _FakeMpiComm(ranks)
+    exchange.width = validation.INBAND_LEN + 1 + 2 * channels
     return exchange, fake_comm
 
 
-def test_nccl_sum_reuses_one_buffer_on_the_current_stream(fake_cupy):
+HEADER = validation.inband_header(validation.exchange_digest('test'))
+
+
+def test_nccl_sums_reuse_one_padded_buffer_on_the_current_stream(fake_cupy):
     exchange, comm = _nccl_exchange()
     sums = fake_cupy.asarray(numpy.arange(6.0).reshape(2, 3))
-    first = exchange.allreduce_sum(sums)
+    first, _ = exchange.allreduce_sums(sums, HEADER)
     allocated = len(fake_cupy.allocations)
-    second = exchange.allreduce_sum(sums)
+    second, _ = exchange.allreduce_sums(sums, HEADER)
     calls = comm.nccl_comm.calls
     assert len(calls) == 2
     assert calls[0]['recv'] == calls[1]['recv'] == calls[0]['send']
     assert all(c['stream'] == fake_cupy.stream_ptr for c in calls)
-    assert all(c['count'] == 6 for c in calls)
+    # Every exchange of a link has its width: 2 x 3 sums are padded to the
+    # 1 + 2 C = 9 values of the forward.
+    assert all(c['count'] == 9 for c in calls)
     assert len(fake_cupy.allocations) == allocated  # nothing new
     numpy.testing.assert_array_equal(first, 2 * numpy.arange(6.0).reshape(
         2, 3))
@@ -292,16 +298,23 @@ def test_nccl_sum_reuses_one_buffer_on_the_current_stream(fake_cupy):
     assert comm.init_calls == 2
 
 
-def test_nccl_buffers_are_per_size_and_per_device(fake_cupy):
+def test_nccl_buffers_are_per_device(fake_cupy):
     exchange, comm = _nccl_exchange()
-    exchange.allreduce_sum(fake_cupy.asarray(numpy.ones((2, 3))))
-    exchange.allreduce_sum(fake_cupy.asarray(numpy.ones((2, 5))))
+    exchange.allreduce_sums(fake_cupy.asarray(numpy.ones((2, 3))), HEADER)
+    exchange.allreduce_sums(fake_cupy.asarray(numpy.ones((2, 4))), HEADER)
     ptrs = [c['recv'] for c in comm.nccl_comm.calls]
-    assert ptrs[0] != ptrs[1]
+    assert ptrs[0] == ptrs[1]
     _FakeCupy.current_device = 1
-    exchange.allreduce_sum(fake_cupy.asarray(numpy.ones((2, 3))))
+    exchange.allreduce_sums(fake_cupy.asarray(numpy.ones((2, 3))), HEADER)
     assert comm.nccl_comm.calls[-1]['recv'] not in ptrs
-    assert len(fake_cupy.allocations) == 3
+    assert len(fake_cupy.allocations) == 2
+
+
+def test_exchange_larger_than_the_link_width_is_refused(fake_cupy):
+    exchange, comm = _nccl_exchange(channels=2)
+    with pytest.raises(ValueError, match='hold'):
+        exchange.allreduce_sums(fake_cupy.asarray(numpy.ones(6)), HEADER)
+    assert comm.nccl_comm.calls == []
 
 
 def _sums(fake_cupy, host, shift):

@@ -23,9 +23,13 @@ the backward), with the few numbers of the in-band input check of
   the buffer size) learn it before NCCL is handed a buffer.
 """
 
+import math
 import os
 import sys
+import threading
 import time
+import warnings
+import weakref
 
 import numpy
 
@@ -118,28 +122,66 @@ class StallPolicy(object):
     """
 
     def __init__(self, timeout=60.0, action='report', stream=None):
-        if action not in ('report', 'raise'):
+        if action not in ACTIONS:
             raise ValueError("action must be 'report' or 'raise'; got "
                              '{!r}'.format(action))
-        self.timeout = float(timeout) if timeout else None
+        if timeout:
+            timeout = float(timeout)
+            if not (math.isfinite(timeout) and timeout > 0):
+                raise ValueError('timeout must be a positive number of '
+                                 'seconds, or None or 0 to disable the '
+                                 'report; got {!r}'.format(timeout))
+        self.timeout = timeout or None
         self.action = action
         self.stream = stream
 
+    def __repr__(self):
+        return 'StallPolicy(timeout={!r}, action={!r}, stream={!r})'.format(
+            self.timeout, self.action, self.stream)
+
     @classmethod
     def from_environment(cls, environ=os.environ):
-        """From ``MULTINODE_BN_STALL_TIMEOUT`` (seconds; ``0``/``off``
-        disables; default 60) and ``MULTINODE_BN_STALL_ACTION``."""
+        """From ``MULTINODE_BN_STALL_TIMEOUT`` (seconds, ``0`` or ``off``
+        to disable; default 60) and ``MULTINODE_BN_STALL_ACTION``
+        (``report`` or ``raise``). An invalid value is named in a warning
+        and replaced by the default: importing the package never fails
+        because of the environment."""
         raw = environ.get('MULTINODE_BN_STALL_TIMEOUT', '60').strip().lower()
-        timeout = None if raw in ('', '0', 'off', 'none', 'no') else float(raw)
-        return cls(timeout, environ.get('MULTINODE_BN_STALL_ACTION',
-                                        'report').strip().lower())
+        timeout = 60.0
+        if raw in ('0', 'off', 'none', 'no'):
+            timeout = None
+        else:
+            try:
+                timeout = float(raw)
+                if not (math.isfinite(timeout) and timeout > 0):
+                    raise ValueError(raw)
+            except ValueError:
+                _bad_environment('MULTINODE_BN_STALL_TIMEOUT', raw,
+                                 'a positive number of seconds, or 0 or off',
+                                 '60')
+                timeout = 60.0
+        action = environ.get('MULTINODE_BN_STALL_ACTION',
+                             'report').strip().lower()
+        if action not in ACTIONS:
+            _bad_environment('MULTINODE_BN_STALL_ACTION', action,
+                             'report or raise', 'report')
+            action = 'report'
+        return cls(timeout, action)
+
+
+ACTIONS = ('report', 'raise')
+
+
+def _bad_environment(name, value, accepted, default):
+    warnings.warn('{}={!r} is not valid (accepted: {}); using {}.'.format(
+        name, value, accepted, default), RuntimeWarning, stacklevel=3)
 
 
 class StallError(RuntimeError):
     """An exchange did not complete in time (with ``action='raise'``).
 
-    The collective is left in flight: that communicator cannot be used for
-    further exchanges, and the job should end (``MPI.COMM_WORLD.Abort()``, or
+    The collective is left in flight: the link that issued it refuses
+    further calls, and the job should end (``MPI.COMM_WORLD.Abort()``, or
     let the exception propagate under ``python -m mpi4py``).
     """
 
@@ -191,8 +233,13 @@ def wait(request, rank, describe, policy=None):
                 and now - start > policy.timeout):
             reported = True
             line = ('multinode_bn: rank {} has waited {:.0f} s in {}; the '
-                    'other processes have not joined (a branch that calls '
-                    'batch normalization on some ranks only?)'.format(
+                    'other processes have not joined. Likely causes, in '
+                    'order: a process exited or crashed (launch with '
+                    '`mpiexec ... python -m mpi4py script.py` so that one '
+                    'failure ends the job); processes disagree on control '
+                    'flow (links called on some processes only, in another '
+                    'order, or a skipped backward); links built on '
+                    'different communicators.'.format(
                         rank, now - start, describe()))
             print(line, file=policy.stream or sys.stderr, flush=True)
             if policy.action == 'raise':
@@ -200,7 +247,15 @@ def wait(request, rank, describe, policy=None):
 
 
 class _StatsExchange(object):
-    """What both exchanges share: the communicator and the host collectives.
+    """What both exchanges share: the link's own communicator, the host
+    collectives, the stall and thread guards.
+
+    Each exchange (one per link) works on its own duplicate of the
+    communicator, made at its first exchange: exchanges of different links
+    can never be paired with each other (processes that call links in
+    different orders wait, and the stall report names the link on each
+    process), and every exchange of one link has the same size
+    (:attr:`width`), so no reduction ever meets buffers of different sizes.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm``. Kept as given;
@@ -209,23 +264,71 @@ class _StatsExchange(object):
 
     def __init__(self, comm):
         self.comm = comm
-        self.mpi_comm = mpi_comm_of(comm)
-        self.size = self.mpi_comm.Get_size()
-        self.rank = self.mpi_comm.Get_rank()
+        self.base_comm = mpi_comm_of(comm)
+        self.size = self.base_comm.Get_size()
+        self.rank = self.base_comm.Get_rank()
+        #: Values of every summed exchange (set by the owner at the first
+        #: call: in-band header plus ``1 + 2 C``).
+        self.width = None
+        #: What stalled, once an exchange raised :class:`StallError`.
+        self.stalled = None
+        self._own = None
+        self._busy = threading.Lock()
 
     def __deepcopy__(self, memo):
         # A communicator is a process-wide resource: copies share it.
         return self
 
+    @property
+    def mpi_comm(self):
+        """This exchange's own duplicate of the communicator (the
+        duplication, a collective, happens at the first exchange)."""
+        if self._own is None:
+            if self.size == 1:
+                self._own = self.base_comm
+            else:
+                with _DUPLICATION:
+                    own = self.base_comm.Dup()
+                self._own = own
+                weakref.finalize(self, _free, own)
+        return self._own
+
+    @mpi_comm.setter
+    def mpi_comm(self, comm):
+        self._own = comm
+
+    def guard(self, describe):
+        """Context of one exchange: refuses a link whose exchange stalled,
+        and a second thread while one is inside."""
+        if self.stalled:
+            raise StallError(
+                'multinode_bn: rank {}: {} cannot run: an earlier exchange of '
+                'this link stalled ({}) and is still in flight. End the job '
+                'and launch it again.'.format(self.rank, describe(),
+                                              self.stalled))
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                'multinode_bn: rank {}: {} was entered by a second thread '
+                'while another thread is inside an exchange of the same '
+                'link: use a link (and its communicator) from one thread at '
+                'a time.'.format(self.rank, describe()))
+        return _Release(self._busy)
+
+    def _width(self, n, buf):
+        if self.width is None or n + buf.size > self.width:
+            raise ValueError('exchange of {} values on a link whose exchanges '
+                             'hold {}'.format(n + buf.size, self.width))
+        return self.width
+
     def _wait(self, request, describe, *buffers):
         try:
             wait(request, self.rank, describe)
         except StallError:
-            # The collective is still in flight: its request and buffers
-            # must outlive this call, or a late completion would write into
-            # freed memory. The communicator is unusable from here on.
-            self.abandoned = getattr(self, 'abandoned', []) + [
-                (request, buffers)]
+            # The collective is still in flight: its request, buffers and
+            # communicator must outlive this call, or a late completion
+            # would write into freed memory.
+            _ABANDONED.append((request, buffers, self._own))
+            self.stalled = describe()
             raise
 
     def _host_sum(self, buf, describe):
@@ -265,12 +368,14 @@ class MpiStatsExchange(_StatsExchange):
     backend = 'mpi'
 
     def allreduce_sums(self, buf, header, describe=str):
-        """Sums a float64 buffer and an in-band header over processes, in
-        one collective.
+        """Sums a float64 vector and an in-band header over processes, in
+        one collective of :attr:`width` values (``buf`` is padded).
 
         Args:
-            buf: float64 vector (NumPy or CuPy).
-            header: float64 host vector (the in-band input check).
+            buf: float64 vector (NumPy or CuPy), at most ``width -
+                len(header)`` values.
+            header: float64 host vector (the in-band check of
+                :mod:`~multinode_bn.validation`).
             describe: Returns what this call is, for a stall report.
 
         Returns:
@@ -279,16 +384,11 @@ class MpiStatsExchange(_StatsExchange):
         if self.size == 1:
             return buf, header
         n = len(header)
-        out = self._host_sum(numpy.concatenate([header, _to_host(buf)]),
-                             describe)
-        return _like(buf, out[n:]), out[:n]
-
-    def allreduce_sum(self, buf, describe=str):
-        """Elementwise sum over ranks of a float64 array."""
-        if self.size == 1:
-            return buf
-        return _like(buf, self._host_sum(_to_host(buf), describe))
-
+        send = numpy.zeros(self._width(n, buf))
+        send[:n] = header
+        send[n:n + buf.size] = _to_host(buf).ravel()
+        out = self._host_sum(send, describe)
+        return _like(buf, out[n:n + buf.size].reshape(buf.shape)), out[:n]
 
 class NcclStatsExchange(_StatsExchange):
     """Exchanges statistics with NCCL on the current CUDA stream.
@@ -296,12 +396,11 @@ class NcclStatsExchange(_StatsExchange):
     Device buffers are allocated once per device, stream and size, and
     reused.
 
-    The in-band input check of the forward (six float64 numbers) is summed
-    on the host with MPI, not appended to the NCCL buffer: reading it back
-    from the device would wait for every kernel queued before it, and
-    processes whose inputs disagree (possibly in the buffer size) learn it
-    before NCCL is handed buffers of different sizes. The host collective
-    runs while the device still computes the local moments.
+    The in-band check of every exchange is summed on the host with MPI, not
+    appended to the NCCL buffer: reading it back from the device would wait
+    for every kernel queued before it, and processes in different exchanges
+    learn it before NCCL is handed their buffers. The host collective runs
+    while the device still computes the local statistics.
     """
 
     backend = 'nccl'
@@ -339,8 +438,9 @@ class NcclStatsExchange(_StatsExchange):
 
     def allreduce_sums(self, buf, header, describe=str):
         """See :meth:`MpiStatsExchange.allreduce_sums`: two collectives,
-        the header on the host first, then ``buf`` on the device (only when
-        every process's header agrees; the result is a new array)."""
+        the header on the host first, then ``buf`` padded to the link's
+        width on the device (only when every process's header agrees; the
+        result is a new array)."""
         if self.size == 1:
             return buf, header
         summed_header = self._host_sum(header, describe)
@@ -348,16 +448,12 @@ class NcclStatsExchange(_StatsExchange):
             # Every process reads the same sums, so all of them skip the
             # device collective, and the caller raises.
             return buf, summed_header
-        return self.allreduce_sum(buf, describe), summed_header
-
-    def allreduce_sum(self, buf, describe=str):
-        """Elementwise sum over ranks of a float64 device array (a new
-        array: callers may keep it past the next exchange)."""
-        if self.size == 1:
-            return buf
         import cupy
-        return self._allreduce_device(
-            cupy.asarray(buf, dtype=numpy.float64)).copy()
+        n = len(header)
+        padded = cupy.zeros(self._width(n, buf) - n, dtype=numpy.float64)
+        padded[:buf.size] = cupy.asarray(buf, dtype=numpy.float64).ravel()
+        summed = self._allreduce_device(padded)
+        return summed[:buf.size].reshape(buf.shape).copy(), summed_header
 
 
 def _to_host(a):
@@ -371,3 +467,28 @@ def _like(reference, host):
         return host
     import cupy
     return cupy.asarray(host)
+
+
+# Collectives whose exchange raised StallError, kept alive for good.
+_ABANDONED = []
+# Two threads creating links' communicators at once would duplicate in an
+# order that differs between processes.
+_DUPLICATION = threading.Lock()
+
+
+class _Release(object):
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _free(comm):
+    MPI = _mpi()
+    if MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED):
+        return
+    comm.Free()

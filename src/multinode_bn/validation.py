@@ -1,22 +1,38 @@
-"""What every process feeds one synchronized BN, as a fixed-size header.
+"""What every process feeds one synchronized BN, and what each exchange is.
 
 Processes that disagree on the channel count, dtype, number of dimensions,
-axis or backend would either hang in a collective or mix unrelated numbers.
-Before the first exchange of a new input signature (and on every call in
-debug mode), each process packs what it is about to do into a header of
-:data:`HEADER_LEN` integers. Headers have the same size whatever the input,
-so exchanging them can neither hang nor truncate; every process then checks
-all headers and raises the same error, naming each rank's input.
+axis or backend would either hang in a collective or mix unrelated numbers;
+processes that disagree on control flow (a skipped call, links called in
+another order, a skipped backward) would pair unrelated exchanges.
+
+* **The first call of a link** exchanges a fixed-size header
+  (:data:`HEADER_LEN` integers): what each process is about to do and a
+  short text naming the link, the call and the kind of exchange. Headers
+  have the same size whatever the input, so exchanging them can neither
+  hang nor truncate; every process then checks all headers and raises the
+  same error, naming each rank's input (:func:`check_headers`).
+* **Every exchange** (forward, backward, double backward) carries, summed
+  with the statistics in the same collective, an in-band header
+  (:func:`inband_header`): a 64-bit digest of the exchange's identity (its
+  kind, the link, the call number, the buffer size, the configuration that
+  must agree and the input signature) and counts of processes with a local
+  problem or non-finite statistics. :func:`inband_agrees` tells from the
+  sums alone whether every process sent the same digest, so every process
+  reaches the same verdict, and on a disagreement all of them exchange the
+  full headers and raise the same detailed error.
 
 Nothing here communicates: :mod:`multinode_bn.communication` moves the
 headers.
 """
 
-import zlib
+import hashlib
 
 import numpy
 
-HEADER_LEN = 32
+#: Integers in a full header: 32 describe the input, 32 hold a text.
+HEADER_LEN = 64
+#: Where the text of a full header lies.
+HEADER_TEXT = slice(32, 64)
 _MAGIC = 0x4d4e424e  # 'MNBN'
 _MAX_DIMS = 8
 
@@ -30,6 +46,9 @@ BAD_AXIS = 5
 TOO_MANY_DIMS = 6
 DTYPE_MISMATCH = 7
 PARAM_MISMATCH = 8
+NO_BATCH_AXIS = 9
+RUNNING_MISMATCH = 10
+WIDTH_CHANGED = 11
 
 _PROBLEMS = {
     NOT_FLOAT: 'input is not floating point',
@@ -40,6 +59,9 @@ _PROBLEMS = {
     TOO_MANY_DIMS: 'input has more than 8 dimensions',
     DTYPE_MISMATCH: 'gamma and beta differ in dtype',
     PARAM_MISMATCH: 'gamma and beta are not floating point of one shape',
+    NO_BATCH_AXIS: 'x has no batch axis (give it at least 2 dimensions)',
+    RUNNING_MISMATCH: 'running_mean or running_var does not match gamma',
+    WIDTH_CHANGED: 'the channel count changed since the first call',
 }
 
 _DTYPES = ['float16', 'float32', 'float64', 'bfloat16', 'int8', 'int16',
@@ -57,11 +79,13 @@ def _name(code, table):
 
 
 def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
-                  axis, backend, x_device, param_device, beta_shape=None):
+                  axis, backend, x_device, param_device, beta_shape=None,
+                  running_shapes=()):
     """The first thing wrong with this process's input, or :data:`OK`.
 
     Everything Chainer's own type check would reject is caught here first,
     so that no process raises alone while the others wait in an exchange.
+    ``running_shapes`` are the shapes of the running statistics to update.
     """
     if len(x_shape) > _MAX_DIMS:
         return TOO_MANY_DIMS
@@ -76,9 +100,13 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
     if any(not 0 <= a < len(x_shape) for a in axis) or \
             list(axis) != sorted(set(axis)):
         return BAD_AXIS
+    if len(x_shape) <= len(param_shape):
+        return NO_BATCH_AXIS
     key = tuple(d for i, d in enumerate(x_shape) if i not in axis)
     if key != tuple(param_shape):
         return CHANNEL_MISMATCH
+    if any(tuple(s) != tuple(param_shape) for s in running_shapes):
+        return RUNNING_MISMATCH
     if x_device != param_device:
         return DEVICE_MISMATCH
     if backend == 'nccl' and x_device != 'gpu':
@@ -87,9 +115,12 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
 
 
 def encode_header(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
-                  device, problem=OK, nonfinite=False):
-    """Packs one process's input description into ``HEADER_LEN`` int64."""
+                  device, problem=OK, nonfinite=False, text=''):
+    """Packs one process's input description into ``HEADER_LEN`` int64,
+    with ``text`` (what the exchange is; cut to 256 bytes)."""
     h = numpy.zeros(HEADER_LEN, dtype=numpy.int64)
+    raw = text.encode('utf-8')[:8 * (HEADER_TEXT.stop - HEADER_TEXT.start)]
+    h[HEADER_TEXT].view(numpy.uint8)[:len(raw)] = numpy.frombuffer(raw, numpy.uint8)
     h[0] = _MAGIC
     h[1] = len(x_shape)
     h[2:2 + min(len(x_shape), _MAX_DIMS)] = x_shape[:_MAX_DIMS]
@@ -121,12 +152,15 @@ def decode_header(h):
         problem=int(h[24]),
         nonfinite=bool(h[25]),
         valid=int(h[0]) == _MAGIC,
+        text=bytes(numpy.ascontiguousarray(h[HEADER_TEXT]).view(numpy.uint8)
+                   ).rstrip(b'\0').decode('utf-8', 'replace'),
     )
 
 
 def describe(decoded):
-    """One rank's input in words."""
-    text = 'x {} {} axis {} params {} {} on {} via {}'.format(
+    """One rank's exchange and input in words."""
+    text = '{}x {} {} axis {} params {} {} on {} via {}'.format(
+        decoded['text'] + ': ' if decoded['text'] else '',
         decoded['dtype'], decoded['shape'], decoded['axis'],
         decoded['param_shape'], decoded['param_dtype'], decoded['device'],
         decoded['backend'])
@@ -163,13 +197,19 @@ def check_headers(headers, rank, label):
                 if d['problem'] or not d['valid']]
     parts = [agreeing_part(h) for h in headers]
     disagree = any(p != parts[0] for p in parts)
-    if not problems and not disagree:
+    texts = [d['text'] for d in decoded]
+    exchanges_differ = any(t != texts[0] for t in texts)
+    if not problems and not disagree and not exchanges_differ:
         return
     lines = ['  rank {}: {}'.format(r, describe(d))
              for r, d in enumerate(decoded)]
     if problems:
         what = 'invalid input on rank(s) {}'.format(
             ', '.join(str(r) for r in problems))
+    elif exchanges_differ:
+        what = ('processes are in different exchanges (each must call the '
+                'same links, in the same order, the same number of times, '
+                'forward and backward alike, with the same configuration)')
     else:
         what = ('processes disagree on what they feed it (channels, dtype, '
                 'number of dimensions, axis, backend or device must match; '
@@ -180,31 +220,54 @@ def check_headers(headers, rank, label):
             label, rank, what, '\n'.join(lines)))
 
 
-def signature_digests(signature):
-    """Two 12-bit digests of an input signature, equal on every process.
-
-    Small enough that over up to 16,384 processes the sums of digests and of
-    their squares, and the products checked by :func:`inband_agrees`, stay
-    exact in float64.
-    """
-    text = repr(signature).encode()
-    return zlib.crc32(text) & 0xFFF, zlib.adler32(text) & 0xFFF
+#: 16-bit pieces of the 64-bit digest in an in-band header.
+DIGEST_PIECES = 4
+#: Numbers in an in-band header: a count, each piece and its square, the
+#: number of processes with a local problem and with non-finite values.
+INBAND_LEN = 3 + 2 * DIGEST_PIECES
 
 
-def inband_header(digests, problem):
+def exchange_digest(identity):
+    """64-bit digest of what an exchange is, as :data:`DIGEST_PIECES`
+    16-bit pieces; equal on processes with equal ``identity``."""
+    raw = hashlib.blake2b(repr(identity).encode(), digest_size=8).digest()
+    value = int.from_bytes(raw, 'little')
+    return tuple((value >> (16 * i)) & 0xFFFF for i in range(DIGEST_PIECES))
+
+
+def inband_header(digest, problem=OK, nonfinite=False):
     """The float64 header summed inside every statistics exchange."""
-    d1, d2 = (float(d) for d in digests)
-    return numpy.array([1.0, d1, d1 * d1, d2, d2 * d2, float(problem > 0)])
+    h = numpy.zeros(INBAND_LEN)
+    h[0] = 1.0
+    for i, d in enumerate(digest):
+        h[1 + 2 * i] = d
+        h[2 + 2 * i] = float(d) * d
+    h[-2] = float(problem != OK)
+    h[-1] = float(bool(nonfinite))
+    return h
 
 
 def inband_agrees(summed):
-    """Whether a summed :func:`inband_header` shows one signature, no problem.
+    """Whether a summed :func:`inband_header` shows one digest everywhere,
+    no problem and no non-finite values.
 
-    Digests are all equal exactly when ``n * sum(d^2) == sum(d)^2``; the
-    test reads only the sums, so every process reaches the same answer.
+    The pieces are all equal exactly when ``n * sum(d^2) == sum(d)^2``
+    (Cauchy-Schwarz); the sums are integers below ``2**53`` for up to two
+    million processes, so they are exact in float64 and compared as Python
+    integers. The test reads only the sums: every process reaches the same
+    answer.
     """
-    n, d1, q1, d2, q2, problems = (float(v) for v in summed)
-    return problems == 0 and n * q1 == d1 * d1 and n * q2 == d2 * d2
+    values = [int(v) for v in numpy.asarray(summed, dtype=numpy.float64)]
+    n = values[0]
+    for i in range(DIGEST_PIECES):
+        if n * values[2 + 2 * i] != values[1 + 2 * i] ** 2:
+            return False
+    return values[-2] == 0 and values[-1] == 0
+
+
+def inband_nonfinite(summed):
+    """Whether some process reported non-finite statistics."""
+    return float(summed[-1]) > 0
 
 
 def nonfinite_ranks(headers):

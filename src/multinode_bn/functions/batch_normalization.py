@@ -8,6 +8,8 @@ implementation whose forward and backward compute local per-channel sums
 collective each (:mod:`multinode_bn.communication`).
 """
 
+import functools
+import itertools
 import os
 import warnings
 
@@ -48,13 +50,14 @@ def get_communication_backend(comm, communication_backend='auto'):
 class _ForwardData(object):
     """What the backward needs from the forward of one call."""
 
-    __slots__ = ('count', 'mean', 'inv_std', 'statistics')
+    __slots__ = ('count', 'mean', 'inv_std', 'statistics', 'call')
 
-    def __init__(self, count, mean, inv_std, statistics):
+    def __init__(self, count, mean, inv_std, statistics, call):
         self.count = count
         self.mean = mean
         self.inv_std = inv_std
         self.statistics = statistics
+        self.call = call
 
 
 _warned_without_loops = []
@@ -90,9 +93,17 @@ _LOOP_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 def _cpu_kernels_enabled():
     """``MULTINODE_BN_CPU_KERNELS``: ``0``, ``off``, ``false`` or ``no``
-    switches the C loops off (default on)."""
+    switches the C loops off; ``1``, ``on``, ``true``, ``yes`` or unset
+    keeps them (another value: a warning naming it, and on)."""
     value = os.environ.get('MULTINODE_BN_CPU_KERNELS', '1').strip().lower()
-    return value not in ('0', 'off', 'false', 'no')
+    if value in ('0', 'off', 'false', 'no'):
+        return False
+    if value not in ('1', 'on', 'true', 'yes', ''):
+        warnings.warn(
+            'MULTINODE_BN_CPU_KERNELS={!r} is not valid (accepted: 0, off, '
+            'false, no to switch the C loops off; 1, on, true, yes); using '
+            'the C loops.'.format(value), RuntimeWarning)
+    return True
 
 
 class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
@@ -110,9 +121,14 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         self.exchange = exchange
         self.selector = selector
 
-    def _debug_check(self, local, stage):
-        if chainer.is_debug():
-            self.selector.check_finite(local, stage)
+    @staticmethod
+    def _nonfinite(local):
+        """Debug mode: whether this process's statistics are not finite
+        (reported in-band: every process then raises, naming this one)."""
+        if not chainer.is_debug():
+            return False
+        xp = backend.get_array_module(local)
+        return not bool(xp.isfinite(local).all())
 
     def forward(self, axis, gamma, x, x_layout, xp, expander,
                 beta, eps, decay, running_mean, running_var):
@@ -124,8 +140,8 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
             moments = stats.local_moments(x3)
         else:
             moments = xp.zeros((x3.shape[1], 3), statistics.MOMENTS_DTYPE)
-        self._debug_check(moments, 'forward')
-        moments = self.selector.exchange_moments(moments, eps)
+        moments = self.selector.exchange_moments(
+            moments, eps, self._nonfinite(moments))
 
         count = moments[0, 0]
         mean = moments[:, 1]
@@ -143,7 +159,8 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
                             decay, gamma.shape)
 
         shape = gamma.shape
-        forward_data = _ForwardData(count, mean, inv_std, stats)
+        forward_data = _ForwardData(count, mean, inv_std, stats,
+                                    self.selector.current)
         return (y, x_layout, running_mean, running_var,
                 mean.astype(interm_dtype).reshape(shape),
                 var.astype(interm_dtype).reshape(shape),
@@ -162,9 +179,9 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
             sums = stats.backward_sums(x3, gy3, mean64)
         else:
             sums = xp.zeros((2, x3.shape[1]), statistics.MOMENTS_DTYPE)
-        self._debug_check(sums, 'backward')
-        sums = self.exchange.allreduce_sum(
-            sums, lambda: self.selector.describe('backward'))
+        sums = self.selector.exchange_sums(
+            'backward', sums, forward_data.call,
+            nonfinite=self._nonfinite(sums))
 
         gamma64 = gamma.astype(statistics.MOMENTS_DTYPE).ravel()
         p, q, r = statistics.gradient_coefficients(
@@ -206,12 +223,20 @@ def _update_running(running_mean, running_var, mean, var, count, decay,
         running_var.dtype).reshape(shape)
 
 
+_created = itertools.count(1)
+
+
 class MultiNodeBNImplSelector(object):
     """The ``impl_selector`` handed to Chainer's ``BatchNormalization``.
 
     It also owns what one synchronized BN remembers between calls: the
-    statistics exchange, the input signatures already checked across
-    processes, a label and a call count for error and stall reports.
+    statistics exchange, the input signatures already described, the
+    statistics backend per signature, a label and a call count. Every
+    exchange it makes carries the digest of what it is (its kind, the label,
+    the call number, its size, the configuration and the input signature;
+    see :mod:`multinode_bn.validation`), so processes in different exchanges
+    all raise the same :class:`~multinode_bn.validation.InconsistentInputError`
+    before any output or state is produced.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
@@ -225,18 +250,22 @@ class MultiNodeBNImplSelector(object):
         self.comm = comm
         self.communication_backend_name = backend_name
         self.exchange = communication.create_exchange(comm, backend_name)
-        self.label = 'MultiNodeBatchNormalization'
+        #: How reports and the exchange identity name this link: its path
+        #: after :func:`~multinode_bn.create_mnbn_model`, otherwise its
+        #: creation order in the process.
+        self.label = 'MultiNodeBatchNormalization #{}'.format(next(_created))
         self.calls = 0
+        #: What the owning link adds to the configuration that every
+        #: process must share (``use_gamma``, ``use_beta``, ``finetune``).
+        self.link_config = ()
         # Until one header exchange has passed, processes may not even agree
         # on the size of the statistics buffer.
         self._agreed = False
         self._impl = MultiNodeBNImpl(self.exchange, self)
-        self._what = ''
         self._described = {}
-        self._header = None
-        self._digests = (0, 0)
-        self._problem = validation.OK
+        self._current = None
         self._statistics = {}
+        self._sequence = 0
         # The shift of the exchanged sums: the same on every process (the
         # previous global mean of this link), near the mean of the next
         # batch; zero before the first exchange.
@@ -245,43 +274,61 @@ class MultiNodeBNImplSelector(object):
     def __call__(self, batch_norm_func, inputs):
         return self._impl
 
-    def describe(self, stage='forward'):
-        """What the current call is, for stall and error reports."""
+    def describe(self, kind='forward', call=None):
+        """What an exchange is, for stall and error reports."""
+        what = self._current.what if self._current else ''
         return '{} exchange of {} (call {}, {})'.format(
-            stage, self.label, self.calls, self._what)
+            kind, self.label, self.calls if call is None else call, what)
 
-    def prepare(self, x, gamma, beta, axis):
+    def prepare(self, x, gamma, beta, axis, eps=None, decay=None,
+                running=()):
         """Counts the call and checks the input across processes.
 
-        The first call (and every call in debug mode) exchanges a small
-        fixed-size header describing each process's input. Later calls check
-        the same description inside the statistics exchange itself, at no
-        extra collective. Either way a problem on any process raises the same
+        Every argument is checked locally first (``running``: the running
+        statistics to update). The first call exchanges a small fixed-size
+        header describing each process's input; every call checks the same
+        description, and the identity of the exchange, inside the
+        statistics exchange itself, at no extra collective. Either way a
+        problem on any process raises the same
         :class:`~multinode_bn.validation.InconsistentInputError` on all of
         them, before anything is computed or updated.
         """
+        if self.exchange.stalled:
+            with self.exchange.guard(self.describe):
+                pass  # raises: an earlier exchange is still in flight
         self.calls += 1
         x_arr, g_arr, b_arr = (_array_of(v) for v in (x, gamma, beta))
         key = (x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype,
-               b_arr.shape, b_arr.dtype, axis, type(x_arr), type(g_arr))
+               b_arr.shape, b_arr.dtype, axis, type(x_arr), type(g_arr),
+               tuple(getattr(r, 'shape', None) for r in running))
         described = self._described.get(key)
         if described is None:
-            described = self._describe_input(x_arr, g_arr, b_arr, axis)
+            described = self._describe_input(x_arr, g_arr, b_arr, axis,
+                                             running)
             if len(self._described) > 64:
                 self._described.clear()
             self._described[key] = described
-        self._what, self._problem, self._header, self._digests = described
-        if not self._agreed or chainer.is_debug():
-            self._check_headers()
+        width = validation.INBAND_LEN + 1 + 2 * g_arr.size
+        problem = described.problem
+        if self._agreed and problem == validation.OK and \
+                width != self.exchange.width:
+            problem = validation.WIDTH_CHANGED
+        self._current = _Call(described, problem, self.calls, (
+            _number(eps), _number(decay)) + tuple(self.link_config))
+        if not self._agreed:
+            with self.exchange.guard(self.describe):
+                self._check_headers('input check', self._current)
+            self.exchange.width = width
             self._agreed = True
-        elif self._problem:
+        elif problem:
             # Take part in this call's statistics exchange all the same, so
             # that every process learns of the problem in one collective.
             xp = backend.get_array_module(g_arr)
-            self.exchange_moments(xp.zeros((g_arr.size, 3),
-                                           statistics.MOMENTS_DTYPE))
+            self.exchange_moments(xp.zeros(
+                ((self.exchange.width - validation.INBAND_LEN - 1) // 2, 3),
+                statistics.MOMENTS_DTYPE))
 
-    def _describe_input(self, x_arr, g_arr, b_arr, axis):
+    def _describe_input(self, x_arr, g_arr, b_arr, axis, running):
         if isinstance(axis, int):
             axis = (axis,)
         axis = tuple(_bn._compute_axis(x_arr.ndim, g_arr.ndim, axis))
@@ -289,19 +336,84 @@ class MultiNodeBNImplSelector(object):
         problem = validation.local_problem(
             x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
             axis, self.communication_backend_name, x_device, p_device,
-            beta_shape=b_arr.shape)
+            beta_shape=b_arr.shape,
+            running_shapes=[r.shape for r in running if r is not None])
         header = validation.encode_header(
             x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
             self.communication_backend_name, x_device, problem)
-        digests = validation.signature_digests(
-            validation.agreeing_part(header))
-        what = 'x {} {}'.format(x_arr.dtype, x_arr.shape)
-        return what, problem, header, digests
+        return _Described('x {} {}'.format(x_arr.dtype, x_arr.shape), problem,
+                          header, validation.agreeing_part(header))
 
-    def _check_headers(self):
+    @property
+    def current(self):
+        """The call in progress (its input, problem, number and
+        configuration), kept by its backward."""
+        return self._current
+
+    def identity(self, kind, current):
+        """What an exchange of call ``current`` is: equal on every process
+        that makes the same exchange."""
+        return (kind, self.label, current.call, self.exchange.width,
+                current.config, current.described.signature)
+
+    def _check_headers(self, kind, current, nonfinite=False):
+        call = current.call
+        header = current.described.header.copy()
+        header[24] = current.problem
+        header[25] = int(bool(nonfinite))
+        text = '{} call {} {} exchange, eps {} decay {} {}'.format(
+            self.label, call, kind, current.config[0], current.config[1],
+            ' '.join(map(str, current.config[2:])))
+        header[validation.HEADER_TEXT] = validation.encode_header(
+            (), numpy.float64, (), numpy.float64, (), 'mpi', 'cpu',
+            text=text)[validation.HEADER_TEXT]
         headers = self.exchange.allgather_header(
-            self._header, lambda: self.describe('input check'))
+            header, lambda: self.describe(kind, call))
         validation.check_headers(headers, self.exchange.rank, self.label)
+        return headers
+
+    def exchange_sums(self, kind, buf, current=None, nonfinite=False,
+                      problem=validation.OK):
+        """Sums ``buf`` (float64) over processes with the in-band identity
+        of this exchange of call ``current`` (default: the call in
+        progress); raises on every process if any process is in another
+        exchange, had a problem or (debug mode) non-finite values."""
+        current = current or self._current
+        header = validation.inband_header(
+            validation.exchange_digest(self.identity(kind, current)),
+            problem, nonfinite)
+        describe = functools.partial(self.describe, kind, current.call)
+        with self.exchange.guard(describe):
+            if self.exchange.size == 1:
+                sums, summed = buf, header
+            else:
+                sums, summed = self.exchange.allreduce_sums(buf, header,
+                                                            describe)
+            if not validation.inband_agrees(summed):
+                self._disagreement(kind, current, nonfinite)
+        return sums
+
+    def _disagreement(self, kind, current, nonfinite):
+        """Every process is here together (they read the same sums): the
+        full headers name what differs, and all raise the same error."""
+        call = current.call
+        headers = self._check_headers(kind, current, nonfinite)
+        bad = validation.nonfinite_ranks(headers)
+        if bad:
+            raise FloatingPointError(
+                '{}: non-finite {} statistics from rank(s) {} (call {}, '
+                'raised on rank {}). Check the input of those ranks.'.format(
+                    self.label, kind, ', '.join(map(str, bad)), call,
+                    self.exchange.rank))
+        raise validation.InconsistentInputError(
+            '{} (raised on rank {}): processes disagree on the {} exchange '
+            'of call {}.'.format(self.label, self.exchange.rank, kind, call))
+
+    def next_sequence(self):
+        """A number that orders the double-backward exchanges of a link
+        (the same on every process that makes the same exchanges)."""
+        self._sequence += 1
+        return self._sequence
 
     def statistics_for(self, x, dtype):
         """The statistics backend for ``x`` computed in ``dtype``, chosen
@@ -312,7 +424,7 @@ class MultiNodeBNImplSelector(object):
             stats = self._statistics[key] = choose_statistics(x, dtype)
         return stats
 
-    def exchange_moments(self, moments, eps=0.0):
+    def exchange_moments(self, moments, eps=0.0, nonfinite=False):
         """Global ``(count, mean, m2)`` from local ones; raises on every
         process if any input was bad.
 
@@ -326,49 +438,46 @@ class MultiNodeBNImplSelector(object):
         shift = self._shift
         if shift is None or shift.shape[0] != moments.shape[0]:
             shift = xp.zeros(moments.shape[0], statistics.MOMENTS_DTYPE)
-        header = validation.inband_header(self._digests, self._problem)
+        sums = self.exchange_sums(
+            'forward', statistics.moments_to_shifted_sums(xp, moments, shift),
+            nonfinite=nonfinite, problem=self._current.problem)
         if self.exchange.size == 1:
-            sums, summed = None, header
-        else:
-            sums, summed = self.exchange.allreduce_sums(
-                statistics.moments_to_shifted_sums(xp, moments, shift),
-                header, lambda: self.describe('forward'))
-        if not validation.inband_agrees(summed):
-            self._agreed = False
-            self._check_headers()  # raises the detailed error
-            raise validation.InconsistentInputError(
-                '{} (raised on rank {}): processes fed call {} inputs that '
-                'disagree.'.format(self.label, self.exchange.rank,
-                                   self.calls))
-        if sums is None:
             return moments
         merged = statistics.shifted_sums_to_moments(xp, sums, shift)
         if statistics.shift_too_far(merged, shift, eps):
             shift = merged[:, 1]
-            sums = self.exchange.allreduce_sum(
-                statistics.moments_to_shifted_sums(xp, moments, shift),
-                lambda: self.describe('forward (around the mean)'))
+            sums = self.exchange_sums(
+                'forward again',
+                statistics.moments_to_shifted_sums(xp, moments, shift))
             merged = statistics.shifted_sums_to_moments(xp, sums, shift)
         mean = merged[:, 1]
         self._shift = xp.where(xp.isfinite(mean), mean, shift)
         return merged
 
-    def check_finite(self, local, stage):
-        """Debug mode: every process raises if any sent non-finite values."""
-        xp = backend.get_array_module(local)
-        finite = bool(xp.isfinite(local).all())
-        header = validation.encode_header((), numpy.float64, (),
-                                          numpy.float64, (), 'mpi', 'cpu',
-                                          nonfinite=not finite)
-        headers = self.exchange.allgather_header(
-            header, lambda: self.describe(stage + ' debug check'))
-        bad = validation.nonfinite_ranks(headers)
-        if bad:
-            raise FloatingPointError(
-                '{}: non-finite {} statistics from rank(s) {} (call {}, '
-                'raised on rank {}). Check the input of those ranks.'.format(
-                    self.label, stage, ', '.join(map(str, bad)), self.calls,
-                    self.exchange.rank))
+
+class _Described(object):
+    """One input signature, described once."""
+
+    __slots__ = ('what', 'problem', 'header', 'signature')
+
+    def __init__(self, what, problem, header, signature):
+        self.what, self.problem = what, problem
+        self.header, self.signature = header, signature
+
+
+class _Call(object):
+    """The call in progress: its input, problem, number and configuration."""
+
+    __slots__ = ('described', 'problem', 'call', 'config', 'what')
+
+    def __init__(self, described, problem, call, config):
+        self.described, self.problem = described, problem
+        self.call, self.config = call, config
+        self.what = described.what
+
+
+def _number(v):
+    return None if v is None else float(v)
 
 
 def _array_of(v):
@@ -453,10 +562,14 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
 
     def backward(self, indexes, grad_outputs):
         x, gamma, gy = self.get_retained_inputs()
-        exchange = self._impl.exchange
+        global_sum = functools.partial(
+            _global_sum, selector=self._impl.selector,
+            current=self.forward_data.call)
         with chainer.using_config('enable_backprop', True):
-            outputs = differentiable_gradients(x, gamma, gy, self.axis,
-                                               self.eps, exchange)
+            outputs = differentiable_gradients(
+                x, gamma, gy, self.axis, self.eps,
+                float(self.forward_data.count), self._impl.exchange.size,
+                global_sum)
             # Zeros instead of missing gradients: every process must walk
             # the same graph, or their collectives would not pair up.
             xp = backend.get_array_module(x)
@@ -470,41 +583,48 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
 
 
 class AllreduceSum(function_node.FunctionNode):
-    """Differentiable sum over processes (its gradient is again a sum)."""
+    """Differentiable sum over processes (its gradient is again a sum).
 
-    def __init__(self, exchange):
-        self.exchange = exchange
+    Each exchange is a ``double backward`` exchange of the link's call
+    ``current``, numbered in the order the processes make them.
+    """
+
+    def __init__(self, selector, current):
+        self.selector = selector
+        self.current = current
 
     def forward(self, inputs):
         a, = inputs
-        summed = self.exchange.allreduce_sum(
-            a.astype(statistics.MOMENTS_DTYPE))
+        kind = 'double backward #{}'.format(self.selector.next_sequence())
+        summed = self.selector.exchange_sums(
+            kind, a.astype(statistics.MOMENTS_DTYPE), self.current)
         return backend.get_array_module(a).asarray(summed, dtype=a.dtype),
 
     def backward(self, indexes, grad_outputs):
-        return AllreduceSum(self.exchange).apply(grad_outputs)
+        return AllreduceSum(self.selector, self.current).apply(grad_outputs)
 
 
-def _global_sum(v, axis, exchange):
-    return AllreduceSum(exchange).apply((chainer.functions.sum(v, axis),))[0]
+def _global_sum(v, axis, selector, current):
+    """The sum of ``v`` over ``axis`` and over the processes of
+    ``selector``'s link."""
+    local = chainer.functions.sum(v, axis)
+    return AllreduceSum(selector, current).apply((local,))[0]
 
 
-def differentiable_gradients(x, gamma, gy, axis, eps, exchange):
+def differentiable_gradients(x, gamma, gy, axis, eps, count, size,
+                             global_sum):
     """``(gx, ggamma, gbeta)`` of synchronized BN as differentiable Variables.
 
     Used for the second-order backward only; the first-order path computes
-    the same values with fused arrays and one collective.
+    the same values with fused arrays and one collective. ``count`` is the
+    global batch's, ``size`` the number of processes, and ``global_sum(v,
+    axis)`` sums over ``axis`` and over the processes.
     """
     F = chainer.functions
     dtype = numpy.promote_types(x.dtype, gamma.dtype)
     x = F.cast(x, dtype) if x.dtype != dtype else x
     gy_c = F.cast(gy, dtype) if gy.dtype != dtype else gy
     gamma_c = F.cast(gamma, dtype) if gamma.dtype != dtype else gamma
-    xp = backend.get_array_module(x)
-    local_count = xp.asarray([x.size // max(gamma.size, 1)], dtype=dtype)
-    count = exchange.allreduce_sum(
-        local_count.astype(statistics.MOMENTS_DTYPE))
-    count = float(count[0])
     inv_count = dtype.type(1.0 / max(count, 1.0))
     expander = tuple(slice(None) if i not in axis else None
                      for i in range(x.ndim))
@@ -512,16 +632,16 @@ def differentiable_gradients(x, gamma, gy, axis, eps, exchange):
     def bcast(v):
         return F.broadcast_to(v[expander], x.shape)
 
-    mean = _global_sum(x, axis, exchange) * inv_count
+    mean = global_sum(x, axis) * inv_count
     centred = x - bcast(mean)
-    var = _global_sum(centred * centred, axis, exchange) * inv_count
+    var = global_sum(centred * centred, axis) * inv_count
     inv_std = (var + dtype.type(eps)) ** dtype.type(-0.5)
     x_hat = centred * bcast(inv_std)
-    gbeta_sum = _global_sum(gy_c, axis, exchange)
-    ggamma_sum = _global_sum(gy_c * x_hat, axis, exchange)
+    gbeta_sum = global_sum(gy_c, axis)
+    ggamma_sum = global_sum(gy_c * x_hat, axis)
     gx = bcast(gamma_c * inv_std) * (
         gy_c - (x_hat * bcast(ggamma_sum) + bcast(gbeta_sum)) * inv_count)
-    inv_size = dtype.type(1.0 / exchange.size)
+    inv_size = dtype.type(1.0 / size)
     ggamma = ggamma_sum * inv_size
     gbeta = gbeta_sum * inv_size
     gx = F.cast(gx, gy.dtype) if gx.dtype != gy.dtype else gx
@@ -579,7 +699,8 @@ def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
         selector = comm
     else:
         selector = MultiNodeBNImplSelector(comm, communication_backend)
-    selector.prepare(x, gamma, beta, axis)
+    selector.prepare(x, gamma, beta, axis, eps, decay,
+                     running=(running_mean, running_var))
     func = MultiNodeBatchNormalizationFunction(
         selector, eps=eps, mean=running_mean, var=running_var, decay=decay,
         axis=axis)

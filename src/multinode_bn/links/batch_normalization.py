@@ -128,8 +128,24 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
             test='test argument is not supported anymore. '
                  'Use chainer.using_config')
         if self.avg_mean is None:
+            # Lazy size: parameters from the first input, undone if the
+            # call fails (on every process alike), so that a corrected
+            # input can initialize them again.
+            pending = (self._initial_avg_mean, self._initial_avg_var)
             self._initialize_params(tuple(
                 d for i, d in enumerate(x.shape) if i not in self.axis))
+            try:
+                return self._forward(x, finetune)
+            except Exception:
+                self.avg_mean = self.avg_var = None
+                self._initial_avg_mean, self._initial_avg_var = pending
+                for param in (self.gamma, self.beta):
+                    if param is not None:
+                        param.array = None
+                raise
+        return self._forward(x, finetune)
+
+    def _forward(self, x, finetune):
         gamma = self.gamma
         if gamma is None:
             gamma, = self._get_gamma()
@@ -151,6 +167,8 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
             decay = 1. - 1. / (self.N + 1)
         else:
             decay = self.decay
+        self._impl_selector.link_config = (
+            self.gamma is not None, self.beta is not None, bool(finetune))
         y = _mnbn.multi_node_batch_normalization(
             x, gamma, beta, self._impl_selector, eps=self.eps,
             running_mean=avg_mean, running_var=avg_var, decay=decay,
