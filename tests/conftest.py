@@ -144,15 +144,16 @@ for _name in COLLECTIVE_NAMES:
     setattr(CountingComm, _name, _counting(_name))
 
 
-def _counting_dup(self):
-    # Each link exchanges on its own duplicate: count there too.
-    self.calls.append('Dup')
-    dup = CountingComm(MPI.Intracomm.Dup(self))
-    dup.calls = self.calls
-    return dup
+def _counting_idup(self, *args):
+    # Links exchange on duplicates of the communicator: count there too.
+    self.calls.append('Idup')
+    dup, request = MPI.Intracomm.Idup(self, *args)
+    counting = CountingComm(dup)
+    counting.calls = self.calls
+    return counting, request
 
 
-CountingComm.Dup = _counting_dup
+CountingComm.Idup = _counting_idup
 
 
 @pytest.fixture

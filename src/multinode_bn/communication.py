@@ -281,17 +281,32 @@ class _StatsExchange(object):
 
     @property
     def mpi_comm(self):
-        """This exchange's own duplicate of the communicator (the
-        duplication, a collective, happens at the first exchange)."""
+        """This exchange's own duplicate of the communicator (see
+        :meth:`link_comm`)."""
+        return self.link_comm(str)
+
+    def link_comm(self, describe):
+        """This exchange's own duplicate of the communicator, made at the
+        first exchange (``describe`` says which, for a stall report): a
+        non-blocking collective on the package's private duplicate of the
+        communicator given, so that a process that never joins leaves no
+        collective pending on the user's communicator."""
         if self._own is None:
             if self.size == 1:
                 self._own = self.base_comm
             else:
                 with _DUPLICATION:
-                    own = self.base_comm.Dup()
+                    own = self._duplicate(
+                        _private(self.base_comm, self.rank), describe)
                 self._own = own
                 weakref.finalize(self, _free, own)
         return self._own
+
+    def _duplicate(self, comm, describe):
+        own, request = comm.Idup()
+        self._wait(request, lambda: 'creation of the communicator for the '
+                   + describe(), own)
+        return own
 
     @mpi_comm.setter
     def mpi_comm(self, comm):
@@ -335,7 +350,8 @@ class _StatsExchange(object):
         """Elementwise float64 sum over processes of a host array."""
         host = numpy.ascontiguousarray(buf, dtype=numpy.float64)
         out = numpy.empty_like(host)
-        request = self.mpi_comm.Iallreduce(host, out, op=_mpi().SUM)
+        request = self.link_comm(describe).Iallreduce(host, out,
+                                                      op=_mpi().SUM)
         self._wait(request, describe, host, out)
         return out
 
@@ -352,7 +368,7 @@ class _StatsExchange(object):
             out[0] = header
             return out
         send = numpy.ascontiguousarray(header, dtype=numpy.int64)
-        request = self.mpi_comm.Iallgather(send, out)
+        request = self.link_comm(describe).Iallgather(send, out)
         self._wait(request, describe, send, out)
         return out
 
@@ -485,6 +501,22 @@ class _Release(object):
 
     def __exit__(self, *exc):
         self.lock.release()
+
+
+# The package's own duplicate of each communicator object handed to it
+# (the object is kept alive with it, so its id is never reused).
+_PRIVATE = {}
+
+
+def _private(comm, rank):
+    entry = _PRIVATE.get(id(comm))
+    if entry is None:
+        private, request = comm.Idup()
+        wait(request, rank, lambda: 'the first exchange of multinode_bn on '
+             'this communicator (a process that never calls batch '
+             'normalization?)')
+        entry = _PRIVATE[id(comm)] = (comm, private)
+    return entry[1]
 
 
 def _free(comm):
