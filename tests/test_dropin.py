@@ -1,0 +1,133 @@
+"""Drop-in where Chainer's own tests look: memory layouts, exception type,
+warnings, and conversion of Sequential models with plain functions."""
+
+import os
+import tempfile
+import warnings
+
+import numpy
+import pytest
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+from chainer import memory_layouts
+from chainer.utils import type_check
+from mpi4py import MPI
+
+import multinode_bn
+from conftest import (Result, assert_matches_reference, make_batches,
+                      reference, split_sizes)
+
+everywhere = pytest.mark.parallel(nprocs=[1, 2, 3])
+CHANNEL_LAST = memory_layouts.CUDNN_CHANNEL_LAST_X
+
+
+def all_ranks(flag):
+    """Whether ``flag`` holds on every rank (collective)."""
+    return all(MPI.COMM_WORLD.allgather(bool(flag)))
+
+
+# -- 1. memory layouts ------------------------------------------------------
+
+def run_channel_last(link, x, gy):
+    """Forward and backward of ``link`` on ``x`` handed over channels last."""
+    xv = chainer.Variable(x)
+    y = link(xv.as_layout(CHANNEL_LAST))
+    assert y.layout == CHANNEL_LAST and y.shape == x.shape
+    y = y.as_layout(None)
+    link.cleargrads()
+    F.sum(y * gy).backward()
+    return Result(y.array, xv.grad, link.gamma.grad, link.beta.grad,
+                  numpy.array(link.avg_mean), numpy.array(link.avg_var))
+
+
+@everywhere
+@pytest.mark.parametrize('dtype', [numpy.float32, numpy.float64])
+def test_channel_last_input_matches_global_bn_on_logical_shape(dtype):
+    comm = MPI.COMM_WORLD
+    sizes = [3, 1, 2][:comm.size]
+    xs, gys = make_batches(0, sizes, (3, 4, 5), dtype)
+    ref = reference(xs, gys, 3)
+    offset, n = split_sizes(sizes, comm.rank)
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm, dtype=dtype)
+    ours = run_channel_last(link, xs[comm.rank], gys[comm.rank])
+    tol = 1e-9 if dtype == numpy.float64 else 2e-4
+    assert_matches_reference(ours, ref, offset, n, comm.size, tol, tol)
+
+
+@everywhere
+def test_channel_last_lazy_link_takes_channels_from_the_logical_shape():
+    comm = MPI.COMM_WORLD
+    x = numpy.random.RandomState(comm.rank).randn(2, 3, 4, 5).astype(
+        numpy.float32)
+    link = multinode_bn.MultiNodeBatchNormalization(None, comm,
+                                                    axis=(0, 2, 3))
+    link(chainer.Variable(x).as_layout(CHANNEL_LAST))
+    assert link.avg_mean.shape == (3,)
+
+
+@everywhere
+def test_channel_last_evaluation_matches_chainer_link_on_standard_layout():
+    # Chainer 7.8.1's own link cannot evaluate a channels-last input
+    # (fixed_batch_normalization has no layout support); ours can.
+    comm = MPI.COMM_WORLD
+    x = numpy.random.RandomState(1).randn(2, 3, 4, 5).astype(numpy.float32)
+    ours = multinode_bn.MultiNodeBatchNormalization(
+        3, comm, initial_avg_mean=0.5, initial_avg_var=2.0)
+    theirs = L.BatchNormalization(3, initial_avg_mean=0.5,
+                                  initial_avg_var=2.0)
+    xv = chainer.Variable(x)
+    with chainer.using_config('train', False):
+        y = ours(xv.as_layout(CHANNEL_LAST))
+        expected = theirs(x).array
+    assert y.layout == CHANNEL_LAST
+    numpy.testing.assert_array_equal(y.as_layout(None).array, expected)
+    F.sum(y.as_layout(None)).backward()
+    assert xv.grad.shape == x.shape
+
+
+# -- 3. the "zero tensor" warning ---------------------------------------------
+
+def zero_tensor_warnings(record):
+    return [str(w.message) for w in record
+            if 'zero' in str(w.message)]
+
+
+@everywhere
+def test_one_element_per_rank_along_non_batch_axis_warns_only_if_global():
+    comm = MPI.COMM_WORLD
+    xs = [numpy.random.RandomState(r).randn(1, 3, 1).astype(numpy.float64)
+          for r in range(comm.size)]
+    link = multinode_bn.MultiNodeBatchNormalization(
+        (1, 3), comm, axis=2, dtype=numpy.float64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        y = link(xs[comm.rank])
+    got = zero_tensor_warnings(record)
+    # The reference: Chainer's link over the elements of every rank.
+    ref = L.BatchNormalization((1, 3), axis=2, dtype=numpy.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        expected = ref(numpy.concatenate(xs, axis=2)).array
+    ok = numpy.allclose(y.array, expected[:, :, comm.rank:comm.rank + 1],
+                        rtol=1e-9, atol=1e-9)
+    assert all_ranks(ok)
+    if comm.size == 1:
+        assert len(got) == 1 and 'global batch of 1' in got[0], got
+    else:
+        assert all_ranks(not got), got
+
+
+@everywhere
+def test_global_batch_of_one_element_still_warns_on_every_rank():
+    comm = MPI.COMM_WORLD
+    width = 1 if comm.rank == 0 else 0
+    link = multinode_bn.MultiNodeBatchNormalization((1, 3), comm, axis=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        link(numpy.ones((1, 3, width), numpy.float32))
+    got = zero_tensor_warnings(record)
+    assert all_ranks(len(got) == 1 and 'global batch of 1' in got[0]), got
+
+
