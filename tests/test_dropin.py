@@ -87,6 +87,46 @@ def test_channel_last_evaluation_matches_chainer_link_on_standard_layout():
     assert xv.grad.shape == x.shape
 
 
+# -- 2. exception type --------------------------------------------------------
+
+@everywhere
+def test_channel_mismatch_raises_chainer_invalid_type_on_every_rank():
+    comm = MPI.COMM_WORLD
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    channels = 4 if comm.rank == 0 else 3  # only rank 0 is wrong
+    x = numpy.zeros((2, channels), numpy.float32)
+    with pytest.raises(type_check.InvalidType) as info:
+        link(x)
+    assert isinstance(info.value, multinode_bn.InconsistentInputError)
+    assert 'rank(s) 0' in str(info.value)
+    assert '(2, 4)' in str(info.value)
+    # Chainer's own link raises the same type for the same input.
+    with pytest.raises(type_check.InvalidType):
+        L.BatchNormalization(3)(numpy.zeros((2, 4), numpy.float32))
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_channel_mismatch_after_first_call_also_raises_invalid_type():
+    comm = MPI.COMM_WORLD
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    link(numpy.ones((2, 3), numpy.float32))  # signature checked once
+    channels = 4 if comm.rank == comm.size - 1 else 3
+    with pytest.raises(type_check.InvalidType, match='rank\\(s\\) {}'.format(
+            comm.size - 1)):
+        link(numpy.ones((2, channels), numpy.float32))
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_disagreement_that_chainer_cannot_see_stays_plain_inconsistent():
+    comm = MPI.COMM_WORLD
+    # Each rank's input is valid on its own; they differ in dtype.
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    dtype = numpy.float64 if comm.rank == 0 else numpy.float32
+    with pytest.raises(multinode_bn.InconsistentInputError) as info:
+        link(numpy.ones((2, 3), dtype))
+    assert not isinstance(info.value, type_check.InvalidType)
+
+
 # -- 3. the "zero tensor" warning ---------------------------------------------
 
 def zero_tensor_warnings(record):
