@@ -171,3 +171,82 @@ def test_global_batch_of_one_element_still_warns_on_every_rank():
     assert all_ranks(len(got) == 1 and 'global batch of 1' in got[0]), got
 
 
+# -- 4. Sequential with plain functions -----------------------------------------
+
+def sequential_with_function(seed):
+    model = chainer.Sequential(L.Linear(4, 4), F.relu, L.BatchNormalization(4),
+                               L.Linear(4, 4))
+    rng = numpy.random.RandomState(seed)
+    for param in model.params():
+        param.array[...] = rng.standard_normal(param.shape)
+    bn = model[2]
+    bn.avg_mean[...] = rng.standard_normal(4)
+    bn.avg_var[...] = rng.uniform(1, 2, 4)
+    bn.N = seed
+    return model
+
+
+def saved(model):
+    """The checkpoint of ``model``: key -> array."""
+    handle, path = tempfile.mkstemp(suffix='.npz')
+    os.close(handle)
+    try:
+        chainer.serializers.save_npz(path, model)
+        with numpy.load(path) as npz:
+            return {key: npz[key] for key in npz.files}
+    finally:
+        os.remove(path)
+
+
+def load(model, checkpoint):
+    handle, path = tempfile.mkstemp(suffix='.npz')
+    os.close(handle)
+    try:
+        numpy.savez(path, **checkpoint)
+        chainer.serializers.load_npz(path, model)
+    finally:
+        os.remove(path)
+
+
+def eval_output(model, x):
+    with chainer.using_config('train', False):
+        return model(x).array
+
+
+@everywhere
+def test_sequential_conversion_keeps_checkpoint_keys_and_values():
+    model = sequential_with_function(1)
+    original = saved(model)
+    converted = multinode_bn.create_mnbn_model(model, MPI.COMM_WORLD)
+    reverted = multinode_bn.revert_mnbn_model(converted)
+    for copy in (converted, reverted):
+        mine = saved(copy)
+        assert sorted(mine) == sorted(original)
+        for key, value in original.items():
+            # The two Linear(4, 4) have the same shape: a swap of their keys
+            # would load silently with the wrong weights.
+            numpy.testing.assert_array_equal(mine[key], value, err_msg=key)
+    assert isinstance(converted[2], multinode_bn.MultiNodeBatchNormalization)
+    assert converted[1] is F.relu
+    x = numpy.random.RandomState(2).randn(5, 4).astype(numpy.float32)
+    expected = eval_output(model, x)
+    numpy.testing.assert_array_equal(eval_output(converted, x), expected)
+    numpy.testing.assert_array_equal(eval_output(reverted, x), expected)
+
+
+@everywhere
+def test_checkpoint_of_original_loads_into_converted_and_reverted_models():
+    model = sequential_with_function(1)
+    checkpoint = saved(model)
+    x = numpy.random.RandomState(3).randn(5, 4).astype(numpy.float32)
+    expected = eval_output(model, x)
+    # Differently initialized models of the same architecture.
+    converted = multinode_bn.create_mnbn_model(sequential_with_function(7),
+                                               MPI.COMM_WORLD)
+    reverted = multinode_bn.revert_mnbn_model(converted)
+    for target in (converted, reverted):
+        load(target, checkpoint)
+        numpy.testing.assert_array_equal(eval_output(target, x), expected)
+        assert target[2].N == 1
+        numpy.testing.assert_array_equal(target[0].W.array, model[0].W.array)
+        numpy.testing.assert_array_equal(target[3].W.array, model[3].W.array)
