@@ -252,3 +252,86 @@ def test_tuple_batches_call_the_model_with_each_array():
     h1 = data @ predictor[0].W.array.T + predictor[0].b.array
     check_on_every_rank(*check_statistics(
         predictor[1], h1.mean(axis=0), h1.var(axis=0, ddof=1), 1e-10, 1e-12))
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_channel_last_inputs_are_recorded_on_their_logical_axes():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('uneven', comm.size)
+    rng = numpy.random.RandomState(7)
+    data = (2.0 + rng.standard_normal((sum(sizes), 3, 2, 2)))
+    offsets = numpy.cumsum([0] + sizes)
+    bn = multinode_bn.MultiNodeBatchNormalization(3, comm,
+                                                  dtype=numpy.float64)
+
+    def channel_last(x):
+        return bn(chainer.Variable(x).as_layout(
+            chainer.memory_layouts.CUDNN_CHANNEL_LAST_X))
+
+    it = chainer.iterators.SerialIterator(
+        data[offsets[comm.rank]:offsets[comm.rank + 1]], 2, repeat=False,
+        shuffle=False)
+    multinode_bn.update_population_statistics(bn, it, comm,
+                                              forward=channel_last)
+    check_on_every_rank(*check_statistics(
+        bn, data.mean(axis=(0, 2, 3)), data.var(axis=(0, 2, 3), ddof=1),
+        1e-12, 1e-12))
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_extension_runs_before_chainermn_multi_node_evaluator(tmp_path):
+    import chainermn
+    from chainer import training
+    from chainer.training import extensions
+
+    mpi = MPI.COMM_WORLD
+    comm = chainermn.create_communicator('naive', mpi)
+    rng = numpy.random.RandomState(8)
+    train_x = rng.standard_normal((8, 3)).astype(numpy.float32) * 2 + 1
+    train_t = (train_x[:, 0] > 1).astype(numpy.int32)
+    val_x = rng.standard_normal((6, 3)).astype(numpy.float32) * 2 + 1
+    val_t = (val_x[:, 1] > 1).astype(numpy.int32)
+    train = list(zip(train_x, train_t))[4 * mpi.rank:4 * mpi.rank + 4]
+    mine = slice(3 * mpi.rank, 3 * mpi.rank + 3)
+
+    predictor = chainer.Sequential(
+        L.Linear(3, 4), multinode_bn.MultiNodeBatchNormalization(4, comm),
+        F.relu, L.Linear(4, 2))
+    predictor[0].W.array[...] = numpy.random.RandomState(9).standard_normal(
+        (4, 3))
+    predictor[3].W.array[...] = numpy.random.RandomState(10).standard_normal(
+        (2, 4))
+    model = L.Classifier(predictor)
+    optimizer = chainermn.create_multi_node_optimizer(
+        chainer.optimizers.SGD(0.1), comm)
+    optimizer.setup(model)
+    updater = training.StandardUpdater(
+        chainer.iterators.SerialIterator(train, 2, shuffle=False), optimizer)
+    trainer = training.Trainer(updater, (2, 'epoch'), out=str(tmp_path))
+    trainer.extend(multinode_bn.PopulationStatistics(
+        chainer.iterators.SerialIterator(train, 2, repeat=False,
+                                         shuffle=False), comm))
+    val_iter = chainer.iterators.SerialIterator(
+        list(zip(val_x[mine], val_t[mine])), 3, repeat=False, shuffle=False)
+    trainer.extend(chainermn.create_multi_node_evaluator(
+        extensions.Evaluator(val_iter, model), comm))
+    reported = []
+    trainer.extend(
+        lambda t: reported.append(float(t.observation['validation/main/loss'])),
+        trigger=(1, 'epoch'))
+    trainer.run()
+
+    # The last run used the final parameters: population statistics of the
+    # first BN's input over the training data of both processes.
+    h = train_x.astype(numpy.float64) @ predictor[0].W.array.T.astype(
+        numpy.float64) + predictor[0].b.array
+    check_on_every_rank(*check_statistics(
+        predictor[1], h.mean(axis=0), h.var(axis=0, ddof=1), 1e-5, 1e-5))
+    # ... and the evaluation that followed used them: the mean over the
+    # processes of each one's validation loss in evaluation mode now.
+    with chainer.using_config('train', False):
+        mine_loss = float(F.softmax_cross_entropy(
+            predictor(val_x[mine]), val_t[mine]).array)
+    expected = sum(mpi.allgather(mine_loss)) / mpi.size
+    assert len(reported) == 2
+    assert abs(reported[-1] - expected) < 1e-5, (reported, expected)
