@@ -335,3 +335,22 @@ def test_extension_runs_before_chainermn_multi_node_evaluator(tmp_path):
     expected = sum(mpi.allgather(mine_loss)) / mpi.size
     assert len(reported) == 2
     assert abs(reported[-1] - expected) < 1e-5, (reported, expected)
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_links_on_sub_communicators_merge_over_their_group_only():
+    world = MPI.COMM_WORLD
+    group = world.Split(world.rank % 2, world.rank)
+    sizes = [6, 5, 0][:world.size]  # groups {0, 2} and {1}
+    data = dataset(11, sum(sizes))
+    shards = shards_of(data, sizes)
+    bn = multinode_bn.MultiNodeBatchNormalization(3, group,
+                                                  dtype=numpy.float64)
+    it = chainer.iterators.SerialIterator(shards[world.rank], 2,
+                                          repeat=False, shuffle=False)
+    multinode_bn.update_population_statistics(bn, it, world)
+    mates = numpy.concatenate([shards[r] for r in range(world.size)
+                               if r % 2 == world.rank % 2])
+    check_on_every_rank(*check_statistics(
+        bn, mates.mean(axis=0), mates.var(axis=0, ddof=1), 1e-12, 1e-12))
+    group.Free()
