@@ -171,7 +171,7 @@ def test_global_batch_of_one_element_still_warns_on_every_rank():
     assert all_ranks(len(got) == 1 and 'global batch of 1' in got[0]), got
 
 
-# -- 4. Sequential with plain functions -----------------------------------------
+# -- 4. Sequential with plain functions -------------------------------------
 
 def sequential_with_function(seed):
     model = chainer.Sequential(L.Linear(4, 4), F.relu, L.BatchNormalization(4),

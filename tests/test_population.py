@@ -316,9 +316,8 @@ def test_extension_runs_before_chainermn_multi_node_evaluator(tmp_path):
     trainer.extend(chainermn.create_multi_node_evaluator(
         extensions.Evaluator(val_iter, model), comm))
     reported = []
-    trainer.extend(
-        lambda t: reported.append(float(t.observation['validation/main/loss'])),
-        trigger=(1, 'epoch'))
+    trainer.extend(lambda t: reported.append(
+        float(t.observation['validation/main/loss'])), trigger=(1, 'epoch'))
     trainer.run()
 
     # The last run used the final parameters: population statistics of the
@@ -354,3 +353,22 @@ def test_links_on_sub_communicators_merge_over_their_group_only():
     check_on_every_rank(*check_statistics(
         bn, mates.mean(axis=0), mates.var(axis=0, ddof=1), 1e-12, 1e-12))
     group.Free()
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_model_refusing_empty_batches_raises_on_every_rank_when_a_shard_ends():
+    comm = MPI.COMM_WORLD
+    bn = multinode_bn.MultiNodeBatchNormalization(3, comm,
+                                                  dtype=numpy.float64)
+    before = bn.avg_mean.copy()
+
+    def pooled(x):  # max pooling refuses an empty batch
+        return F.max_pooling_2d(bn(x), 2)
+
+    data = numpy.ones((4 if comm.rank == 0 else 2, 3, 2, 2))
+    it = chainer.iterators.SerialIterator(data, 2, repeat=False,
+                                          shuffle=False)
+    with pytest.raises(RuntimeError, match='does not accept an empty batch'):
+        multinode_bn.update_population_statistics(bn, it, comm,
+                                                  forward=pooled)
+    numpy.testing.assert_array_equal(bn.avg_mean, before)

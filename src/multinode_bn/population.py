@@ -71,12 +71,18 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
     iterator's position. Every process makes the same number of forward
     calls: at each step the processes tell each other whether they have a
     batch; a process whose iterator is exhausted (``StopIteration``), yields
-    an empty batch or iterates over an empty ``dataset`` runs the model on an empty batch (zero samples,
-    the sample shape of the lowest rank that has data), which the
-    synchronized links accept, so uneven and empty shards cannot hang the
-    others. The pass ends after ``n_batches`` steps, or earlier when no
-    process has data left. The model must accept an empty batch (Chainer's
-    standard links do).
+    an empty batch or iterates over an empty ``dataset`` runs the model on
+    an empty batch (zero samples, the sample shape of the lowest rank that
+    has data), which the synchronized links accept, so uneven and empty
+    shards cannot hang the others. The pass ends after ``n_batches``
+    steps, or earlier when no process has data left. The first time a
+    process has no data, every process first runs the model on an empty
+    batch (unrecorded), so that a model that refuses one (max pooling does)
+    raises the same ``RuntimeError`` on every process instead of hanging;
+    give such a model data on every process for every batch (equal shards,
+    or ``n_batches`` with repeating iterators). An error while reading or
+    converting a batch on any process also raises the same
+    ``RuntimeError`` on every process, naming it.
 
     Dropout and other training-mode behaviour are active during the pass,
     as during training.
@@ -130,7 +136,7 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
         with chainer.using_config('train', True), \
                 chainer.using_config('enable_backprop', False):
             steps = _run_batches(forward, iterator, mpi_comm, n_batches,
-                                 converter, device)
+                                 converter, device, recorder)
         merged = _merge_over_processes(targets, recorder)
     except BaseException:
         _restore_persistents(saved)
@@ -184,9 +190,12 @@ class _MomentRecorder(chainer.LinkHook):
     def __init__(self):
         self.moments = {}  # id(link) -> float64 (C, 3) moments
         self.calls = {}    # id(link) -> number of calls
+        self.paused = False
 
     def forward_postprocess(self, args):
         # After the call: the link is initialized and the call succeeded.
+        if self.paused:
+            return
         link = args.link
         x = args.args[0] if args.args else args.kwargs['x']
         layout = None
@@ -212,13 +221,15 @@ class _MomentRecorder(chainer.LinkHook):
         self.calls[key] = self.calls.get(key, 0) + 1
 
 
-def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device):
+def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
+                 recorder):
     """Runs the same number of forward calls on every process."""
     # Chainer's iterators cannot iterate over an empty dataset (the epoch
     # detail divides by its length): such a process has no data at all.
     dataset = getattr(iterator, 'dataset', None)
     exhausted = dataset is not None and len(dataset) == 0
     step = 0
+    probed = False
     while n_batches is None or step < n_batches:
         in_arrays, status = None, None
         if not exhausted:
@@ -249,16 +260,50 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device):
         template = next((s for s in statuses if s is not None), None)
         if template is None:
             break  # no process has data left
+        if not probed and None in statuses:
+            probed = True
+            _probe_empty_batch(forward, template, device, recorder, step,
+                               statuses, mpi_comm.rank)
         if in_arrays is None:
             in_arrays = _empty_batch(template, device)
-        if isinstance(in_arrays, tuple):
-            forward(*in_arrays)
-        elif isinstance(in_arrays, dict):
-            forward(**in_arrays)
-        else:
-            forward(in_arrays)
+        _call(forward, in_arrays)
         step += 1
     return step
+
+
+def _call(forward, in_arrays):
+    if isinstance(in_arrays, tuple):
+        return forward(*in_arrays)
+    if isinstance(in_arrays, dict):
+        return forward(**in_arrays)
+    return forward(in_arrays)
+
+
+def _probe_empty_batch(forward, template, device, recorder, step, statuses,
+                       rank):
+    """Runs the model on an empty batch on *every* process, unrecorded.
+
+    Not every model takes an empty batch (max pooling, for one, refuses
+    it). Were only the processes without data to find out, they would raise
+    alone while the others wait in a synchronized call; with the same empty
+    input everywhere, every process takes the same path and fails, if at
+    all, at the same place.
+    """
+    recorder.paused = True
+    try:
+        _call(forward, _empty_batch(template, device))
+    except Exception as e:
+        empty = [r for r, s in enumerate(statuses) if s is None]
+        raise RuntimeError(
+            'update_population_statistics (raised on rank {}): rank(s) {} '
+            'have no data for batch {}, and the model does not accept an '
+            'empty batch ({}: {}). Give every process data for every batch: '
+            'equal shards (chainermn.scatter_dataset), or n_batches with '
+            'repeating iterators.'.format(
+                rank, ', '.join(map(str, empty)), step, type(e).__name__,
+                str(e).strip().splitlines()[-1] if str(e).strip() else ''))
+    finally:
+        recorder.paused = False
 
 
 def _describe(in_arrays):
