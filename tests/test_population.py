@@ -372,3 +372,29 @@ def test_model_refusing_empty_batches_raises_on_every_rank_when_a_shard_ends():
         multinode_bn.update_population_statistics(bn, it, comm,
                                                   forward=pooled)
     numpy.testing.assert_array_equal(bn.avg_mean, before)
+
+
+@everywhere
+def test_link_called_twice_per_batch_counts_both_inputs():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('uneven', comm.size)
+    data = dataset(12, sum(sizes))
+    shards = shards_of(data, sizes)
+    bn = multinode_bn.MultiNodeBatchNormalization(3, comm,
+                                                  dtype=numpy.float64)
+    holder = chainer.Chain()
+    with holder.init_scope():
+        holder.first = bn
+        holder.again = bn  # the same link under two names
+
+    def twice(x):
+        return bn(x * 2.0), bn(x)
+
+    it = chainer.iterators.SerialIterator(shards[comm.rank], 2,
+                                          repeat=False, shuffle=False)
+    steps = multinode_bn.update_population_statistics(holder, it, comm,
+                                                      forward=twice)
+    both = numpy.concatenate([data * 2.0, data])
+    check_on_every_rank(*check_statistics(
+        bn, both.mean(axis=0), both.var(axis=0, ddof=1), 1e-12, 1e-12))
+    assert bn.N == 2 * steps

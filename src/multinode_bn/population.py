@@ -126,8 +126,11 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
     if device is not None:
         device = backend.get_device(device)
     forward = model if forward is None else forward
-    targets = [(path or '/', link) for path, link in model.namedlinks()
-               if _is_target(link)]
+    targets, seen = [], set()
+    for path, link in model.namedlinks():
+        if _is_target(link) and id(link) not in seen:  # shared links once
+            seen.add(id(link))
+            targets.append((path, link))
     saved = _save_persistents(model)
     recorder = _MomentRecorder()
     for _, link in targets:
