@@ -398,3 +398,22 @@ def test_link_called_twice_per_batch_counts_both_inputs():
     check_on_every_rank(*check_statistics(
         bn, both.mean(axis=0), both.var(axis=0, ddof=1), 1e-12, 1e-12))
     assert bn.N == 2 * steps
+
+
+@pytest.mark.parametrize('axis', [(0,), (0, 2, 3), (0, 2), (1, 3)])
+def test_local_moments_float64_match_numpy_for_any_kept_axes(axis):
+    from multinode_bn.population import local_moments_float64
+    x = (5.0 + numpy.random.RandomState(13).standard_normal(
+        (4, 3, 2, 5))).astype(numpy.float32)
+    moments = local_moments_float64(x, axis)
+    x64 = x.astype(numpy.float64)
+    keep_shape = [d for i, d in enumerate(x.shape) if i not in axis]
+    count = x.size // int(numpy.prod(keep_shape))
+    numpy.testing.assert_array_equal(moments[:, 0], count)
+    numpy.testing.assert_allclose(moments[:, 1],
+                                  x64.mean(axis=axis).ravel(), rtol=1e-14)
+    numpy.testing.assert_allclose(
+        moments[:, 2], (x64.var(axis=axis) * count).ravel(), rtol=1e-12)
+    empty = local_moments_float64(numpy.take(x, [], axis=axis[0]), axis)
+    assert empty.shape == (int(numpy.prod(keep_shape)), 3)
+    assert not empty.any()

@@ -177,6 +177,40 @@ def population_mean_and_variance(moments):
     return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
 
 
+def local_moments_float64(x, axis):
+    """``(count, mean, m2)`` per channel of ``x``, computed in float64.
+
+    The plain two-pass formula (mean, then squared deviations from it) over
+    a float64 copy: this pass runs once before an evaluation, so it favours
+    exactness over the speed and memory of the link's statistics backends,
+    whatever the input's dtype and memory order.
+
+    Args:
+        x (:ref:`ndarray`): Input, NumPy or CuPy, in its logical shape.
+        axis (tuple of ints): Axes reduced over.
+
+    Returns:
+        :ref:`ndarray`: float64 ``(C, 3)``, ``C`` the number of channels
+        (the product of the kept axes), on the device of ``x``.
+    """
+    xp = backend.get_array_module(x)
+    keep = [i for i in range(x.ndim) if i not in axis]
+    channels = 1
+    for i in keep:
+        channels *= x.shape[i]
+    count = x.size // max(channels, 1)
+    moments = xp.zeros((channels, 3), dtype=numpy.float64)
+    moments[:, 0] = count
+    if count:
+        x64 = x.astype(numpy.float64)
+        mean = x64.mean(axis=axis, keepdims=True)
+        x64 -= mean
+        moments[:, 1] = mean.ravel()
+        # Channels run over the kept axes in their order, as avg_mean.
+        moments[:, 2] = xp.square(x64, out=x64).sum(axis=axis).ravel()
+    return moments
+
+
 _HOOK_NAME = 'multinode_bn.population_statistics'
 
 
@@ -211,11 +245,7 @@ class _MomentRecorder(chainer.LinkHook):
         x = memory_layouts._transpose_array(x, layout, None)
         axis = tuple(_bn._compute_axis(x.ndim, link.avg_mean.ndim,
                                        link.axis))
-        xp = backend.get_array_module(x)
-        interm = numpy.promote_types(x.dtype, numpy.float32)
-        moments, _, _ = statistics.local_moments(
-            xp, statistics.reduced_view(x, axis), interm)
-        moments = backend.CpuDevice().send(moments)
+        moments = backend.CpuDevice().send(local_moments_float64(x, axis))
         key = id(link)
         if key in self.moments:
             moments = statistics.merge_moments(numpy, self.moments[key],
