@@ -29,6 +29,8 @@ import hashlib
 
 import numpy
 
+from chainer.utils import type_check
+
 #: Integers in a full header: 32 describe the input, 32 hold a text.
 HEADER_LEN = 64
 #: Where the text of a full header lies.
@@ -173,6 +175,30 @@ class InconsistentInputError(ValueError):
     """Processes fed one synchronized BN inputs that cannot be combined."""
 
 
+class InvalidInputTypeError(InconsistentInputError, type_check.InvalidType):
+    """An input that Chainer's own type check would reject, on some rank.
+
+    Raised on every rank alike, and an instance of both
+    :class:`InconsistentInputError` and
+    :class:`chainer.utils.type_check.InvalidType`, so that code catching
+    either (as for :class:`chainer.links.BatchNormalization`) catches it.
+
+    Args:
+        msg (str): The message, naming each rank's input.
+    """
+
+    def __init__(self, msg):
+        type_check.InvalidType.__init__(self, None, None, msg)
+
+    def __reduce__(self):
+        return (type(self), self.args)
+
+
+# What Chainer's BatchNormalization type check rejects.
+_TYPE_PROBLEMS = (NOT_FLOAT, CHANNEL_MISMATCH, BAD_AXIS, DTYPE_MISMATCH,
+                  PARAM_MISMATCH, NO_BATCH_AXIS, RUNNING_MISMATCH)
+
+
 def agreeing_part(h):
     """The part of a header that must be equal on every process."""
     # The reduced axes may differ in length between processes (batch size,
@@ -186,6 +212,10 @@ def agreeing_part(h):
 
 def check_headers(headers, rank, label):
     """Raises the same :class:`InconsistentInputError` on every process.
+
+    It is an :class:`InvalidInputTypeError` (also a Chainer
+    ``InvalidType``) when some rank's input is one that Chainer's type check
+    would reject.
 
     Args:
         headers (ndarray): ``(size, HEADER_LEN)`` headers of all processes.
@@ -214,7 +244,10 @@ def check_headers(headers, rank, label):
         what = ('processes disagree on what they feed it (channels, dtype, '
                 'number of dimensions, axis, backend or device must match; '
                 'only the reduced axes may differ in length)')
-    raise InconsistentInputError(
+    error = InconsistentInputError
+    if any(decoded[r]['problem'] in _TYPE_PROBLEMS for r in problems):
+        error = InvalidInputTypeError
+    raise error(
         '{} (raised on rank {}): {}.\n{}\nFix the input of the named rank(s);'
         ' every rank raises this same error.'.format(
             label, rank, what, '\n'.join(lines)))

@@ -298,13 +298,16 @@ class MultiNodeBNImplSelector(object):
                 pass  # raises: an earlier exchange is still in flight
         self.calls += 1
         x_arr, g_arr, b_arr = (_array_of(v) for v in (x, gamma, beta))
-        key = (x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype,
+        # The logical shape: a Variable in a memory layout (channels last)
+        # holds its array in another axis order.
+        x_shape = tuple(x.shape)
+        key = (x_shape, x_arr.dtype, g_arr.shape, g_arr.dtype,
                b_arr.shape, b_arr.dtype, axis, type(x_arr), type(g_arr),
                tuple(getattr(r, 'shape', None) for r in running))
         described = self._described.get(key)
         if described is None:
-            described = self._describe_input(x_arr, g_arr, b_arr, axis,
-                                             running)
+            described = self._describe_input(x_shape, x_arr, g_arr, b_arr,
+                                             axis, running)
             if len(self._described) > 64:
                 self._described.clear()
             self._described[key] = described
@@ -328,20 +331,20 @@ class MultiNodeBNImplSelector(object):
                 ((self.exchange.width - validation.INBAND_LEN - 1) // 2, 3),
                 statistics.MOMENTS_DTYPE))
 
-    def _describe_input(self, x_arr, g_arr, b_arr, axis, running):
+    def _describe_input(self, x_shape, x_arr, g_arr, b_arr, axis, running):
         if isinstance(axis, int):
             axis = (axis,)
-        axis = tuple(_bn._compute_axis(x_arr.ndim, g_arr.ndim, axis))
+        axis = tuple(_bn._compute_axis(len(x_shape), g_arr.ndim, axis))
         x_device, p_device = _device_kind(x_arr), _device_kind(g_arr)
         problem = validation.local_problem(
-            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
+            x_shape, x_arr.dtype, g_arr.shape, g_arr.dtype, b_arr.dtype,
             axis, self.communication_backend_name, x_device, p_device,
             beta_shape=b_arr.shape,
             running_shapes=[r.shape for r in running if r is not None])
         header = validation.encode_header(
-            x_arr.shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
+            x_shape, x_arr.dtype, g_arr.shape, g_arr.dtype, axis,
             self.communication_backend_name, x_device, problem)
-        return _Described('x {} {}'.format(x_arr.dtype, x_arr.shape), problem,
+        return _Described('x {} {}'.format(x_arr.dtype, x_shape), problem,
                           header, validation.agreeing_part(header))
 
     @property
@@ -481,7 +484,8 @@ def _number(v):
 
 
 def _array_of(v):
-    return v.array if isinstance(v, chainer.Variable) else v
+    # raw_array: a Variable in a memory layout refuses ``array``.
+    return v.raw_array if isinstance(v, chainer.Variable) else v
 
 
 def _device_kind(a):
@@ -492,7 +496,10 @@ def _device_kind(a):
     return 'other'
 
 
-_ONE_SAMPLE_WARNING = 'A batch with no more than one sample'
+# Chainer's two "will always output a zero tensor" warnings judge the local
+# batch only.
+_ONE_SAMPLE_WARNINGS = ('A batch with no more than one sample',
+                        'F.batch_normalization received a batch with single')
 
 
 class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
@@ -519,7 +526,8 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
         with warnings.catch_warnings():
             # One local sample is fine when the global batch is larger; the
             # global count is checked after the exchange instead.
-            warnings.filterwarnings('ignore', message=_ONE_SAMPLE_WARNING)
+            for message in _ONE_SAMPLE_WARNINGS:
+                warnings.filterwarnings('ignore', message=message)
             outputs = super(MultiNodeBatchNormalizationFunction,
                             self).forward(inputs)
         data = self.forward_data
@@ -551,12 +559,23 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         self.forward_data = forward_node.forward_data
         self._impl = forward_node._impl
 
+    def check_layout_forward(self, inputs):
+        # x and gy come in the forward input's memory layout.
+        pass
+
     def forward(self, inputs):
         self.retain_inputs((0, 1, 2))
         x, gamma, gy = inputs
+        x_layout = self.input_layouts[0]
+        self.output_layouts = (x_layout, None, None)
+        raw_axis = self.axis
+        t = chainer.memory_layouts._get_layout_transpose_axes(
+            x.ndim, None, x_layout, True)
+        if t is not None:
+            raw_axis = tuple(sorted(t[i] for i in self.axis))
         xp = backend.get_array_module(x)
         gx, _, ggamma, gbeta = self._impl.backward(
-            self.axis, gamma, gy, x, None, xp, self.expander, self.mean,
+            raw_axis, gamma, gy, x, x_layout, xp, self.expander, self.mean,
             self.inv_std, self.eps, None, self.forward_data)
         return gx, ggamma, gbeta
 

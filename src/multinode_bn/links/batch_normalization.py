@@ -154,6 +154,14 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
             beta, = self._get_beta()
 
         if not configuration.config.train:
+            layout = getattr(x, 'layout', None)
+            if layout is not None:
+                # Chainer's fixed_batch_normalization takes the standard
+                # layout only: normalize a transposed view, hand the result
+                # back in the input's layout.
+                return functions.fixed_batch_normalization(
+                    x.as_layout(None), gamma, beta, self.avg_mean,
+                    self.avg_var, self.eps, axis=self.axis).as_layout(layout)
             return functions.fixed_batch_normalization(
                 x, gamma, beta, self.avg_mean, self.avg_var, self.eps,
                 axis=self.axis)

@@ -151,9 +151,9 @@ def _replace_links(root, convert):
 
 
 def _replace_children(link, convert, path):
-    if isinstance(link, chainer.Sequential):
-        slots = [(i, layer) for i, layer in enumerate(list(link))]
-    elif isinstance(link, chainer.ChainList):
+    # A Sequential's children are keyed (in paths and checkpoints) by their
+    # position among its links, not among its layers.
+    if isinstance(link, chainer.ChainList):
         slots = list(enumerate(list(link.children())))
     elif isinstance(link, chainer.Chain):
         slots = [(name, getattr(link, name)) for name in sorted(link._children)]
@@ -166,6 +166,13 @@ def _replace_children(link, convert, path):
         new = convert(child, child_path)
         if new is child:
             _replace_children(child, convert, child_path)
+        elif isinstance(link, chainer.Sequential):
+            # Sequential's own __setitem__ deletes and re-inserts, which
+            # reorders the links (and so the checkpoint keys) when plain
+            # functions sit between them: replace in place instead.
+            chainer.ChainList.__setitem__(link, key, new)
+            link._layers = [new if layer is child else layer
+                            for layer in link._layers]
         elif isinstance(key, int):
             link[key] = new
         else:
