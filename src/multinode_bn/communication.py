@@ -503,6 +503,24 @@ class _Release(object):
         self.lock.release()
 
 
+def allgather_objects(comm, obj):
+    """Every process's ``obj`` (picklable), in rank order.
+
+    For the few exchanges of the population statistics that are not sums
+    of a fixed size: mpi4py's pickle-based ``allgather`` on the package's
+    private duplicate of ``comm``, so that it can never pair with a
+    collective of the user's.
+
+    Args:
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``.
+        obj: What this process contributes.
+    """
+    mpi_comm = mpi_comm_of(comm)
+    if mpi_comm.Get_size() == 1:
+        return [obj]
+    return _private(mpi_comm, mpi_comm.Get_rank()).allgather(obj)
+
+
 # The package's own duplicate of each communicator object handed to it
 # (the object is kept alive with it, so its id is never reused).
 _PRIVATE = {}

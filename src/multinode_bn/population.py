@@ -13,12 +13,11 @@ batch normalization, the calls' moments are merged with
 process gathers every process's merged moments once and merges them in rank
 order, so all processes end with bit-identical statistics.
 
-The collectives of this module (one small object exchange per batch, so that
-processes whose data ran out can still join every synchronized call, and one
-exchange of moments at the end) exchange Python objects of a one-off pass,
-not the per-call statistics buffers of the statistics exchange: they live
-here, next to their only user, rather than in
-:mod:`multinode_bn.communication`, whose exchanges serve the link's calls.
+Its exchanges (one small object exchange per batch, so that processes
+whose data ran out can still join every synchronized call, and one exchange
+of moments at the end) go through
+:func:`multinode_bn.communication.allgather_objects`, on the package's own
+duplicate of the communicator.
 """
 
 import warnings
@@ -280,7 +279,7 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                 exhausted = True
             except Exception as e:
                 status = ('error', '{}: {}'.format(type(e).__name__, e))
-        statuses = mpi_comm.allgather(status)
+        statuses = communication.allgather_objects(mpi_comm, status)
         errors = [(r, s[1]) for r, s in enumerate(statuses)
                   if s is not None and s[0] == 'error']
         if errors:
@@ -388,7 +387,7 @@ def _merge_over_processes(targets, recorder):
     for mpi_comm, members in groups:
         local = [(path, merged[id(link)][1], merged[id(link)][0])
                  for path, link in members]
-        gathered = mpi_comm.allgather(local)
+        gathered = communication.allgather_objects(mpi_comm, local)
         layouts = [[(p, c, None if m is None else m.shape)
                     for p, c, m in per_rank] for per_rank in gathered]
         if any(layout != layouts[0] for layout in layouts):
