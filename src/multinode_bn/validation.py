@@ -2,11 +2,13 @@
 
 Processes that disagree on the channel count, dtype, number of dimensions,
 axis or backend would either hang in a collective or mix unrelated numbers.
-Before the first exchange of a new input signature (and on every call in
-debug mode), each process packs what it is about to do into a header of
-:data:`HEADER_LEN` integers. Headers have the same size whatever the input,
-so exchanging them can neither hang nor truncate; every process then checks
-all headers and raises the same error, naming each rank's input.
+On the first call of a link (and on every call in debug mode), each process
+packs what it is about to do into a header of :data:`HEADER_LEN` integers.
+Headers have the same size whatever the input, so exchanging them can
+neither hang nor truncate; every process then checks all headers and raises
+the same error, naming each rank's input. Later calls carry digests of the
+header inside the statistics exchange (:func:`inband_header`) and exchange
+the full headers again only when those disagree.
 
 Nothing here communicates: :mod:`multinode_bn.communication` moves the
 headers.
@@ -30,6 +32,7 @@ BAD_AXIS = 5
 TOO_MANY_DIMS = 6
 DTYPE_MISMATCH = 7
 PARAM_MISMATCH = 8
+NO_BATCH_AXIS = 9
 
 _PROBLEMS = {
     NOT_FLOAT: 'input is not floating point',
@@ -40,6 +43,8 @@ _PROBLEMS = {
     TOO_MANY_DIMS: 'input has more than 8 dimensions',
     DTYPE_MISMATCH: 'gamma and beta differ in dtype',
     PARAM_MISMATCH: 'gamma and beta are not floating point of one shape',
+    NO_BATCH_AXIS: ('x has no batch axis: it needs one more dimension than '
+                    'the parameters, e.g. x[None] for a single sample'),
 }
 
 _DTYPES = ['float16', 'float32', 'float64', 'bfloat16', 'int8', 'int16',
@@ -73,6 +78,8 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
         return PARAM_MISMATCH
     if param_dtype != beta_dtype:
         return DTYPE_MISMATCH
+    if len(x_shape) <= len(param_shape):
+        return NO_BATCH_AXIS
     if any(not 0 <= a < len(x_shape) for a in axis) or \
             list(axis) != sorted(set(axis)):
         return BAD_AXIS
