@@ -55,8 +55,10 @@ $(DEMO_STAMP): $(STAMP)
 	$(VPY) -m pip install --no-build-isolation -e '.[demo]'
 	touch $(DEMO_STAMP)
 
+# DEMO_ARGS='--seeds 1 2 3' for the documentation's three seeds.
+DEMO_ARGS ?=
 demo: install $(DEMO_STAMP)
-	$(VPY) examples/run_demo.py --out result
+	$(VPY) examples/run_demo.py --out result $(DEMO_ARGS)
 
 bench: install
 	$(VENV)/bin/mpiexec -n 2 $(VPY) benchmarks/bench_bn.py
