@@ -7,6 +7,7 @@ from multinode_bn.functions import multi_node_batch_normalization  # NOQA
 from multinode_bn.links import create_mnbn_model  # NOQA
 from multinode_bn.links import MultiNodeBatchNormalization  # NOQA
 from multinode_bn.links import revert_mnbn_model  # NOQA
+from multinode_bn.population import update_population_statistics  # NOQA
 from multinode_bn.validation import InconsistentInputError  # NOQA
 
 __version__ = '0.1.0'

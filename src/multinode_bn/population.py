@@ -1,0 +1,366 @@
+"""Exact population statistics of batch normalization over all processes.
+
+Running averages with a decay of 0.9 over small batches are noisy estimates
+of the statistics a model sees at evaluation time. "Precise BN" recomputes
+them: with the parameters fixed, the model is run in training mode over many
+batches and each BN's ``avg_mean``/``avg_var`` is set to the mean and
+unbiased variance of *all* the inputs it saw.
+
+:func:`update_population_statistics` does this across processes: a link hook
+records the local moments ``(count, mean, m2)`` of every call of every
+batch normalization, the calls' moments are merged with
+:func:`~multinode_bn.statistics.merge_moments` in float64, and at the end each
+process gathers every process's merged moments once and merges them in rank
+order, so all processes end with bit-identical statistics.
+
+The collectives of this module (one small object exchange per batch, so that
+processes whose data ran out can still join every synchronized call, and one
+exchange of moments at the end) exchange Python objects of a one-off pass,
+not the per-call statistics buffers of the statistics exchange: they live
+here, next to their only user, rather than in
+:mod:`multinode_bn.communication`, whose exchanges serve the link's calls.
+"""
+
+import warnings
+
+import numpy
+
+import chainer
+from chainer import backend
+from chainer.dataset import convert
+from chainer.functions.normalization import batch_normalization as _bn
+import chainer.links as L
+from chainer import memory_layouts
+import chainerx
+
+from multinode_bn import communication
+from multinode_bn import statistics
+from multinode_bn.links.batch_normalization import MultiNodeBatchNormalization
+from multinode_bn.validation import InconsistentInputError
+
+
+def update_population_statistics(model, iterator, comm, n_batches=None,
+                                 converter=convert.concat_examples,
+                                 device=None, forward=None):
+    """Sets every batch normalization's statistics to those of a dataset.
+
+    Runs ``n_batches`` global batches through ``model`` in training mode
+    without backpropagation (each process draws its own batch from its own
+    ``iterator``, its shard) and sets ``avg_mean`` and ``avg_var`` of every
+    :class:`~multinode_bn.MultiNodeBatchNormalization` to the exact mean and
+    unbiased variance of all the inputs it received over all these calls on
+    all processes of its communicator: count-weighted, merged in float64
+    with :func:`~multinode_bn.statistics.merge_moments`, and bit-identical on
+    every process. The previous statistics do not contribute (no decay is
+    involved). ``N`` becomes the number of calls, as the fine-tuning mode
+    would have counted them.
+
+    A plain :class:`chainer.links.BatchNormalization` in the model gets the
+    exact statistics of the inputs *its own process* saw: it does not
+    communicate, so its statistics stay per process. Subclasses with other
+    semantics (such as ``L.BatchRenormalization``) keep their statistics.
+
+    Nothing else of the model changes: parameters, gradients, the optimizer
+    and every other persistent value are as before (running statistics that
+    the forward passes update on the way are restored). A batch
+    normalization that received no input at all on any process keeps its
+    statistics, with a warning.
+
+    The iterator is advanced by the batches drawn and is not rewound; pass a
+    dedicated iterator (or call its ``reset()`` first) to keep the training
+    iterator's position. Every process makes the same number of forward
+    calls: at each step the processes tell each other whether they have a
+    batch; a process whose iterator is exhausted (``StopIteration``), yields
+    an empty batch or iterates over an empty ``dataset`` runs the model on an empty batch (zero samples,
+    the sample shape of the lowest rank that has data), which the
+    synchronized links accept, so uneven and empty shards cannot hang the
+    others. The pass ends after ``n_batches`` steps, or earlier when no
+    process has data left. The model must accept an empty batch (Chainer's
+    standard links do).
+
+    Dropout and other training-mode behaviour are active during the pass,
+    as during training.
+
+    Args:
+        model (~chainer.Link): The model; it is called as
+            ``forward(*in_arrays)`` (or ``forward(**in_arrays)`` for a dict,
+            ``forward(in_arrays)`` otherwise), as Chainer's ``Evaluator``
+            calls its ``eval_func``.
+        iterator: This process's dataset iterator (its shard of the data),
+            for example a ``SerialIterator`` over the output of
+            ``chainermn.scatter_dataset``.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` spanning every
+            process that runs the model; the synchronized links merge their
+            statistics over their own communicator.
+        n_batches (int or None): Number of global batches. ``None`` runs
+            until every process's iterator is exhausted (it must not
+            repeat).
+        converter: Turns a list of examples into input arrays, as for
+            Chainer's ``Evaluator``
+            (:func:`chainer.dataset.concat_examples` by default).
+        device: Device the converter sends the arrays to (and where empty
+            batches are made), as for Chainer's ``Evaluator``.
+        forward (callable): What to call instead of ``model``, for example
+            ``model.predictor``.
+
+    Returns:
+        int: The number of global batches run (equal on every process).
+
+    .. admonition:: Example
+
+        >>> it = chainer.iterators.SerialIterator(train_shard, 64,
+        ...                                       repeat=False, shuffle=False)
+        >>> multinode_bn.update_population_statistics(model, it, comm)
+    """
+    if n_batches is not None and (int(n_batches) != n_batches
+                                  or n_batches < 0):
+        raise ValueError('n_batches must be a non-negative int or None; got '
+                         '{!r}'.format(n_batches))
+    mpi_comm = communication.mpi_comm_of(comm)
+    if device is not None:
+        device = backend.get_device(device)
+    forward = model if forward is None else forward
+    targets = [(path or '/', link) for path, link in model.namedlinks()
+               if _is_target(link)]
+    saved = _save_persistents(model)
+    recorder = _MomentRecorder()
+    for _, link in targets:
+        link.add_hook(recorder, name=_HOOK_NAME)
+    try:
+        with chainer.using_config('train', True), \
+                chainer.using_config('enable_backprop', False):
+            steps = _run_batches(forward, iterator, mpi_comm, n_batches,
+                                 converter, device)
+        merged = _merge_over_processes(targets, recorder)
+    except BaseException:
+        _restore_persistents(saved)
+        raise
+    finally:
+        for _, link in targets:
+            link.delete_hook(_HOOK_NAME)
+    _restore_persistents(saved)
+    unseen = []
+    for path, link in targets:
+        moments, calls = merged[id(link)]
+        if moments is None or not (moments[:, 0] > 0).all():
+            unseen.append(path)
+            continue
+        _set_statistics(link, population_mean_and_variance(moments), calls)
+    if unseen:
+        warnings.warn(
+            'update_population_statistics: {} received no input on any '
+            'process during {} batch(es) and kept its statistics.'.format(
+                ', '.join(unseen), steps), UserWarning)
+    return steps
+
+
+def population_mean_and_variance(moments):
+    """Mean and unbiased variance from merged ``(count, mean, m2)`` triples.
+
+    Args:
+        moments (numpy.ndarray): ``(C, 3)`` float64 moments.
+
+    Returns:
+        tuple: ``(mean, var)``, float64 ``(C,)``; ``var = m2 / (count - 1)``
+        (``0`` for a single sample, as Chainer's running variance).
+    """
+    count = moments[:, 0]
+    return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
+
+
+_HOOK_NAME = 'multinode_bn.population_statistics'
+
+
+def _is_target(link):
+    return (isinstance(link, MultiNodeBatchNormalization)
+            or type(link) is L.BatchNormalization)
+
+
+class _MomentRecorder(chainer.LinkHook):
+    """Merges the local moments of every call of the hooked links."""
+
+    name = _HOOK_NAME
+
+    def __init__(self):
+        self.moments = {}  # id(link) -> float64 (C, 3) moments
+        self.calls = {}    # id(link) -> number of calls
+
+    def forward_postprocess(self, args):
+        # After the call: the link is initialized and the call succeeded.
+        link = args.link
+        x = args.args[0] if args.args else args.kwargs['x']
+        layout = None
+        if isinstance(x, chainer.Variable):
+            layout = x.layout
+            x = x.raw_array
+        if backend.get_array_module(x) is chainerx:
+            x = backend.from_chx(x)
+        # The logical layout (a view): axes as the link sees them.
+        x = memory_layouts._transpose_array(x, layout, None)
+        axis = tuple(_bn._compute_axis(x.ndim, link.avg_mean.ndim,
+                                       link.axis))
+        xp = backend.get_array_module(x)
+        interm = numpy.promote_types(x.dtype, numpy.float32)
+        moments, _, _ = statistics.local_moments(
+            xp, statistics.reduced_view(x, axis), interm)
+        moments = backend.CpuDevice().send(moments)
+        key = id(link)
+        if key in self.moments:
+            moments = statistics.merge_moments(numpy, self.moments[key],
+                                               moments)
+        self.moments[key] = moments
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+
+def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device):
+    """Runs the same number of forward calls on every process."""
+    # Chainer's iterators cannot iterate over an empty dataset (the epoch
+    # detail divides by its length): such a process has no data at all.
+    dataset = getattr(iterator, 'dataset', None)
+    exhausted = dataset is not None and len(dataset) == 0
+    step = 0
+    while n_batches is None or step < n_batches:
+        in_arrays, status = None, None
+        if not exhausted:
+            try:
+                if n_batches is None and getattr(iterator, 'repeat', False):
+                    raise ValueError(
+                        'n_batches=None needs an iterator that does not '
+                        'repeat')
+                batch = iterator.next()
+                if len(batch):
+                    in_arrays = convert._call_converter(converter, batch,
+                                                        device)
+                    status = _describe(in_arrays)
+            except StopIteration:
+                exhausted = True
+            except Exception as e:
+                status = ('error', '{}: {}'.format(type(e).__name__, e))
+        statuses = mpi_comm.allgather(status)
+        errors = [(r, s[1]) for r, s in enumerate(statuses)
+                  if s is not None and s[0] == 'error']
+        if errors:
+            raise RuntimeError(
+                'update_population_statistics (raised on rank {}): reading '
+                'batch {} failed on rank(s) {}:\n{}'.format(
+                    mpi_comm.rank, step, ', '.join(str(r) for r, _ in errors),
+                    '\n'.join('  rank {}: {}'.format(r, m)
+                              for r, m in errors)))
+        template = next((s for s in statuses if s is not None), None)
+        if template is None:
+            break  # no process has data left
+        if in_arrays is None:
+            in_arrays = _empty_batch(template, device)
+        if isinstance(in_arrays, tuple):
+            forward(*in_arrays)
+        elif isinstance(in_arrays, dict):
+            forward(**in_arrays)
+        else:
+            forward(in_arrays)
+        step += 1
+    return step
+
+
+def _describe(in_arrays):
+    """The structure, sample shapes and dtypes of converted arrays."""
+    if isinstance(in_arrays, tuple):
+        return ('tuple', [_describe(a) for a in in_arrays])
+    if isinstance(in_arrays, dict):
+        return ('dict', {k: _describe(a) for k, a in in_arrays.items()})
+    if isinstance(in_arrays, chainer.Variable):
+        in_arrays = in_arrays.array
+    shape = getattr(in_arrays, 'shape', None)
+    dtype = getattr(in_arrays, 'dtype', None)
+    if shape is None or dtype is None or not shape:
+        raise TypeError(
+            'the converter must return arrays with a batch axis (or a tuple '
+            'or dict of them) to run processes without data on an empty '
+            'batch; got {}'.format(type(in_arrays).__name__))
+    return ('array', tuple(shape[1:]), numpy.dtype(dtype).str)
+
+
+def _empty_batch(description, device):
+    kind = description[0]
+    if kind == 'tuple':
+        return tuple(_empty_batch(d, device) for d in description[1])
+    if kind == 'dict':
+        return {k: _empty_batch(d, device) for k, d in description[1].items()}
+    _, sample_shape, dtype = description
+    empty = numpy.zeros((0,) + tuple(sample_shape), dtype=dtype)
+    return empty if device is None else device.send(empty)
+
+
+def _merge_over_processes(targets, recorder):
+    """Per link ``(moments, calls)``; synchronized links merged over their
+    communicator (one exchange per communicator), plain links local."""
+    merged = {}
+    groups = []  # [(mpi_comm, [(path, link), ...])], in model order
+    for path, link in targets:
+        moments = recorder.moments.get(id(link))
+        calls = recorder.calls.get(id(link), 0)
+        if isinstance(link, MultiNodeBatchNormalization):
+            mpi_comm = communication.mpi_comm_of(link.comm)
+            for group_comm, members in groups:
+                if group_comm is mpi_comm:
+                    members.append((path, link))
+                    break
+            else:
+                groups.append((mpi_comm, [(path, link)]))
+        merged[id(link)] = (moments, calls)
+    for mpi_comm, members in groups:
+        local = [(path, merged[id(link)][1], merged[id(link)][0])
+                 for path, link in members]
+        gathered = mpi_comm.allgather(local)
+        layouts = [[(p, c, None if m is None else m.shape)
+                    for p, c, m in per_rank] for per_rank in gathered]
+        if any(layout != layouts[0] for layout in layouts):
+            raise InconsistentInputError(
+                'update_population_statistics (raised on rank {}): processes '
+                'saw different batch normalizations (path, calls, moments '
+                'shape):\n{}\nEvery process must run the same model.'.format(
+                    mpi_comm.rank, '\n'.join(
+                        '  rank {}: {}'.format(r, layout)
+                        for r, layout in enumerate(layouts))))
+        for i, (path, link) in enumerate(members):
+            total = None
+            # Merged in rank order on every process: identical results.
+            for per_rank in gathered:
+                moments = per_rank[i][2]
+                if moments is None:
+                    continue
+                total = moments if total is None else \
+                    statistics.merge_moments(numpy, total, moments)
+            merged[id(link)] = (total, gathered[0][i][1])
+    return merged
+
+
+def _set_statistics(link, mean_var, calls):
+    mean, var = mean_var
+    xp = link.xp
+    for name, value in (('avg_mean', mean), ('avg_var', var)):
+        current = getattr(link, name)
+        value = xp.asarray(value.reshape(current.shape).astype(current.dtype))
+        current[...] = value
+    link.N = calls
+
+
+def _save_persistents(model):
+    saved = []
+    for link in model.links():
+        for name in link._persistent:
+            value = link.__dict__[name]
+            copy = value.copy() if hasattr(value, 'copy') else value
+            saved.append((link, name, value, copy))
+    return saved
+
+
+def _restore_persistents(saved):
+    for link, name, value, copy in saved:
+        current = link.__dict__.get(name)
+        if value is None and current is not None:
+            continue  # initialized by its first call, as training would
+        if (current is value and hasattr(value, 'shape')
+                and getattr(copy, 'shape', None) == value.shape):
+            current[...] = copy  # in place: references stay valid
+        else:
+            setattr(link, name, copy)

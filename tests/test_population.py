@@ -1,0 +1,254 @@
+"""Exact population statistics over the data of all processes."""
+
+import numpy
+import pytest
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+from mpi4py import MPI
+
+import multinode_bn
+from conftest import assert_close
+
+everywhere = pytest.mark.parallel(nprocs=[1, 2, 3])
+
+EPS = 2e-5
+
+
+def shard_sizes(pattern, size):
+    """Local dataset sizes of the ``size`` processes."""
+    return {'uneven': [7, 3, 5], 'one_empty': [6, 0, 5],
+            'equal': [4, 4, 4]}[pattern][:size]
+
+
+def dataset(seed, total, n_in=3):
+    rng = numpy.random.RandomState(seed)
+    return (3.0 + 2.0 * rng.standard_normal((total, n_in))).astype(
+        numpy.float64)
+
+
+def shards_of(data, sizes):
+    offsets = numpy.cumsum([0] + sizes)
+    return [data[offsets[r]:offsets[r + 1]] for r in range(len(sizes))]
+
+
+def build_model(comm, dtype=numpy.float64):
+    """Linear -> synchronized BN -> relu -> Linear -> synchronized BN."""
+    with chainer.using_config('dtype', dtype):
+        model = chainer.Sequential(
+            L.Linear(3, 4), multinode_bn.MultiNodeBatchNormalization(
+                4, comm, dtype=dtype),
+            F.relu, L.Linear(4, 2),
+            multinode_bn.MultiNodeBatchNormalization(2, comm, dtype=dtype))
+    rng = numpy.random.RandomState(5)
+    for param in model.params():
+        param.array[...] = rng.uniform(0.5, 1.5, param.shape)
+    return model
+
+
+def reference_statistics(model, shards, batch, steps):
+    """float64 NumPy: the inputs each BN sees over ``steps`` global batches
+    (rank by rank, ``batch`` samples each), then their mean and unbiased
+    variance."""
+    def p(index, name):
+        return numpy.asarray(getattr(model[index], name).array,
+                             numpy.float64)
+
+    seen1, seen2 = [], []
+    for s in range(steps):
+        x = numpy.concatenate([sh[s * batch:(s + 1) * batch] for sh in shards])
+        h1 = x @ p(0, 'W').T + p(0, 'b')
+        seen1.append(h1)
+        mean, var = h1.mean(axis=0), h1.var(axis=0)
+        y1 = (h1 - mean) / numpy.sqrt(var + EPS) * p(1, 'gamma') + p(1, 'beta')
+        h2 = numpy.maximum(y1, 0) @ p(3, 'W').T + p(3, 'b')
+        seen2.append(h2)
+    return [(numpy.mean(numpy.concatenate(seen), axis=0),
+             numpy.var(numpy.concatenate(seen), axis=0, ddof=1))
+            for seen in (seen1, seen2)]
+
+
+def parameters_of(model):
+    """Copies of every parameter and its gradient."""
+    state = {}
+    for name, param in model.namedparams():
+        state[name] = param.array.copy()
+        state[name + '.grad'] = None if param.grad is None else \
+            param.grad.copy()
+    return state
+
+
+def assert_identical_on_every_rank(arrays, what):
+    gathered = MPI.COMM_WORLD.allgather([a.tobytes() for a in arrays])
+    assert all(g == gathered[0] for g in gathered), (
+        '{} differ between ranks'.format(what))
+
+
+def check_on_every_rank(*checks):
+    """Runs every check, then raises on every rank if any rank failed (a
+    rank raising alone would leave the others waiting in a collective)."""
+    failures = []
+    for check in checks:
+        try:
+            check()
+        except AssertionError as e:
+            failures.append(str(e))
+    failed = [r for r, f in enumerate(MPI.COMM_WORLD.allgather(
+        bool(failures))) if f]
+    if failed:
+        raise AssertionError('failed on rank(s) {}; this rank ({}): {}'.format(
+            failed, MPI.COMM_WORLD.rank, '\n'.join(failures) or 'passed'))
+
+
+def check_statistics(bn, mean, var, rtol, atol):
+    return [lambda: assert_close(bn.avg_mean, mean, rtol, atol, 'avg_mean'),
+            lambda: assert_close(bn.avg_var, var, rtol, atol, 'avg_var')]
+
+
+@everywhere
+@pytest.mark.parametrize('pattern', ['uneven', 'one_empty'])
+def test_exhausting_uneven_shards_gives_population_statistics_of_all_data(
+        pattern):
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes(pattern, comm.size)
+    shards = shards_of(dataset(0, sum(sizes)), sizes)
+    model = build_model(comm)
+    before = parameters_of(model)
+    it = chainer.iterators.SerialIterator(shards[comm.rank], 2, repeat=False,
+                                          shuffle=False)
+
+    steps = multinode_bn.update_population_statistics(model, it, comm)
+
+    assert steps == -(-max(sizes) // 2)
+    expected = reference_statistics(model, shards, 2, steps)
+    check_on_every_rank(
+        *check_statistics(model[1], *expected[0], 1e-10, 1e-12),
+        *check_statistics(model[4], *expected[1], 1e-10, 1e-12))
+    assert model[1].N == model[4].N == steps
+    assert_identical_on_every_rank(
+        [model[1].avg_mean, model[1].avg_var, model[4].avg_mean,
+         model[4].avg_var], 'population statistics')
+    for name, value in parameters_of(model).items():
+        numpy.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+@everywhere
+def test_n_batches_of_repeating_iterators_counts_each_sample_seen():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('equal', comm.size)
+    shards = shards_of(dataset(1, sum(sizes)), sizes)
+    model = build_model(comm)
+    it = chainer.iterators.SerialIterator(shards[comm.rank], 3, repeat=True,
+                                          shuffle=False)
+    steps = multinode_bn.update_population_statistics(model, it, comm,
+                                                      n_batches=2)
+    assert steps == 2
+    # Two batches of 3 from 4 samples: samples 0, 1, 2, 3, 0, 1 per rank.
+    order = [0, 1, 2, 3, 0, 1]
+    replayed = [sh[order] for sh in shards]
+    expected = reference_statistics(model, replayed, 3, 2)
+    check_on_every_rank(
+        *check_statistics(model[1], *expected[0], 1e-10, 1e-12),
+        *check_statistics(model[4], *expected[1], 1e-10, 1e-12))
+    assert it.current_position == 2 and it.epoch == 1  # advanced, not rewound
+
+
+@everywhere
+def test_float32_model_statistics_match_float64_numpy_and_agree_bitwise():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('uneven', comm.size)
+    data = dataset(2, sum(sizes))
+    shards = shards_of(data, sizes)
+    model = build_model(comm, numpy.float32)
+    it = chainer.iterators.SerialIterator(
+        shards[comm.rank].astype(numpy.float32), 2, repeat=False,
+        shuffle=False)
+    multinode_bn.update_population_statistics(model, it, comm)
+    h1 = data.astype(numpy.float32).astype(numpy.float64) @ numpy.asarray(
+        model[0].W.array, numpy.float64).T + model[0].b.array
+    check_on_every_rank(*check_statistics(
+        model[1], h1.mean(axis=0), h1.var(axis=0, ddof=1), 1e-5, 1e-5))
+    assert model[1].avg_mean.dtype == numpy.float32
+    assert_identical_on_every_rank(
+        [model[1].avg_mean, model[1].avg_var, model[4].avg_mean,
+         model[4].avg_var], 'population statistics')
+
+
+@everywhere
+def test_plain_chainer_bn_gets_statistics_of_its_own_process_only():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('uneven', comm.size)
+    shards = shards_of(dataset(3, sum(sizes)), sizes)
+    model = chainer.Sequential(L.BatchNormalization(3, dtype=numpy.float64))
+    model[0].avg_mean[...] = 100.0
+    it = chainer.iterators.SerialIterator(shards[comm.rank], 2, repeat=False,
+                                          shuffle=False)
+    multinode_bn.update_population_statistics(model, it, comm)
+    local = shards[comm.rank]
+    check_on_every_rank(*check_statistics(
+        model[0], local.mean(axis=0), local.var(axis=0, ddof=1), 1e-12,
+        1e-12))
+
+
+@everywhere
+def test_other_persistents_and_unused_links_are_left_as_they_were():
+    comm = MPI.COMM_WORLD
+    model = build_model(comm)
+    renorm = L.BatchRenormalization(2, dtype=numpy.float64)
+    unused = multinode_bn.MultiNodeBatchNormalization(2, comm,
+                                                      dtype=numpy.float64)
+    unused.avg_mean[...] = 7.0
+    model.append(renorm)
+    holder = chainer.Chain()
+    with holder.init_scope():
+        holder.model = model
+        holder.unused = unused
+    renorm_mean = renorm.avg_mean.copy()
+    data = dataset(4, 4)
+    it = chainer.iterators.SerialIterator(data, 2, repeat=False,
+                                          shuffle=False)
+    with pytest.warns(UserWarning, match='/unused received no input'):
+        multinode_bn.update_population_statistics(
+            holder, it, comm, forward=holder.model)
+    numpy.testing.assert_array_equal(renorm.avg_mean, renorm_mean)
+    assert (unused.avg_mean == 7.0).all() and unused.N == 0
+    assert model[1].N == 2
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_converter_failure_on_one_rank_raises_on_every_rank():
+    comm = MPI.COMM_WORLD
+    model = build_model(comm)
+    before = [model[1].avg_mean.copy(), model[1].avg_var.copy()]
+
+    def converter(batch, device=None):
+        if comm.rank == 1:
+            raise KeyError('broken example')
+        return chainer.dataset.concat_examples(batch, device)
+
+    it = chainer.iterators.SerialIterator(dataset(5, 4), 2, repeat=False,
+                                          shuffle=False)
+    with pytest.raises(RuntimeError, match=r'rank\(s\) 1:[\s\S]*broken'):
+        multinode_bn.update_population_statistics(model, it, comm,
+                                                  converter=converter)
+    numpy.testing.assert_array_equal(model[1].avg_mean, before[0])
+    numpy.testing.assert_array_equal(model[1].avg_var, before[1])
+
+
+@everywhere
+def test_tuple_batches_call_the_model_with_each_array():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('one_empty', comm.size)
+    data = dataset(6, sum(sizes))
+    labels = numpy.arange(sum(sizes), dtype=numpy.int32) % 2
+    offsets = numpy.cumsum([0] + sizes)
+    mine = slice(offsets[comm.rank], offsets[comm.rank + 1])
+    predictor = build_model(comm)
+    classifier = L.Classifier(predictor)
+    it = chainer.iterators.SerialIterator(
+        list(zip(data[mine], labels[mine])), 2, repeat=False, shuffle=False)
+    multinode_bn.update_population_statistics(classifier, it, comm)
+    h1 = data @ predictor[0].W.array.T + predictor[0].b.array
+    check_on_every_rank(*check_statistics(
+        predictor[1], h1.mean(axis=0), h1.var(axis=0, ddof=1), 1e-10, 1e-12))
