@@ -10,8 +10,10 @@ of 8 images and the same number of iterations::
 
 Each run's output is shown as it comes, every line prefixed with its
 setting. At the end it plots the validation accuracy per epoch of every run
-into ``OUT/demo.png`` and prints a table of the final accuracies (a column
-per seed, and their mean).
+into ``OUT/demo.png``, evaluated with the running averages of the statistics
+and with exact population statistics
+(:func:`multinode_bn.update_population_statistics`), and prints tables of
+the final accuracies (a column per seed, and their mean).
 
 Usage (``make demo`` runs the first line; ``make demo DEMO_ARGS='--seeds 1 2
 3'`` the second, which made the figure and tables of the documentation)::
@@ -112,8 +114,10 @@ def run_setting(setting, seed, args, mpiexec):
     with open(os.path.join(out, 'accuracy.json')) as f:
         result = json.load(f)
     result.update(label=label, seconds=seconds, log=log_path)
-    print('--- seed {}: {}: {:.0f} s, final validation accuracy {:.3f}'.format(
-        seed, label, seconds, result['validation_accuracy'][-1]), flush=True)
+    print('--- seed {}: {}: {:.0f} s, final validation accuracy {:.3f} '
+          '(running averages), {:.3f} (population statistics)'.format(
+              seed, label, seconds, result['validation_accuracy'][-1],
+              result['population_accuracy'][-1]), flush=True)
     return result
 
 
@@ -121,56 +125,74 @@ COLORS = {'local': 'tab:red', 'multinode': 'tab:blue', 'single': 'black'}
 STYLES = {'local': '-', 'multinode': '-', 'single': '--'}
 
 
+# What the validation accuracy was measured with: the running averages of
+# the statistics (Chainer's evaluation mode), or exact population statistics
+# of the training images (multinode_bn.update_population_statistics).
+EVALUATIONS = (
+    ('validation_accuracy', 'running averages'),
+    ('population_accuracy', 'population statistics'),
+)
+TITLES = {
+    'validation_accuracy': "evaluated with the running averages\n(Chainer's "
+                           "evaluation mode)",
+    'population_accuracy': 'evaluated with exact population statistics\n'
+                           '(multinode_bn.update_population_statistics)',
+}
+
+
 def plot(results, seeds, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     lowest = 1.0
-    for key, _, _, _, _ in SETTINGS:
-        runs = [results[seed][key] for seed in seeds]
-        epochs = runs[0]['epoch']
-        mean = [sum(r['validation_accuracy'][i] for r in runs) / len(runs)
-                for i in range(len(epochs))]
-        for r in runs:
-            lowest = min(lowest, min(r['validation_accuracy']))
+    for ax, (field, evaluation) in zip(axes, EVALUATIONS):
+        for key, _, _, _, _ in SETTINGS:
+            runs = [results[seed][key] for seed in seeds]
+            epochs = runs[0]['epoch']
+            mean = [sum(r[field][i] for r in runs) / len(runs)
+                    for i in range(len(epochs))]
+            for r in runs:
+                lowest = min(lowest, min(r[field]))
+                if len(runs) > 1:
+                    ax.plot(r['epoch'], r[field], color=COLORS[key],
+                            linestyle=STYLES[key], alpha=0.25, linewidth=1)
+            label = runs[0]['label']
             if len(runs) > 1:
-                ax.plot(r['epoch'], r['validation_accuracy'],
-                        color=COLORS[key], linestyle=STYLES[key],
-                        alpha=0.25, linewidth=1)
-        label = runs[0]['label']
-        if len(runs) > 1:
-            label += ' (mean of {} seeds)'.format(len(runs))
-        ax.plot(epochs, mean, color=COLORS[key], linestyle=STYLES[key],
-                marker='o', linewidth=2, label=label)
-    ax.set_xlabel('epoch')
-    ax.set_ylabel('validation accuracy (running averages)')
-    ax.set_ylim(max(0.0, lowest - 0.03), 1.0)
-    ax.set_xticks(results[seeds[0]]['single']['epoch'])
-    ax.set_title('Handwritten digits (scikit-learn, 8x8), global batch of 8,\n'
-                 'batch normalization after each convolution', fontsize=10)
-    ax.legend(loc='lower right', fontsize=8.5)
-    ax.grid(alpha=0.3)
+                label += ' (mean of {} seeds)'.format(len(runs))
+            ax.plot(epochs, mean, color=COLORS[key], linestyle=STYLES[key],
+                    marker='o', linewidth=2, label=label)
+        ax.set_xlabel('epoch')
+        ax.set_xticks(results[seeds[0]]['single']['epoch'])
+        ax.set_title(TITLES[field], fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('validation accuracy')
+    axes[0].set_ylim(max(0.0, lowest - 0.03), 1.0)
+    axes[1].legend(loc='lower right', fontsize=8.5)
+    fig.suptitle('Handwritten digits (scikit-learn, 8x8), global batch of 8, '
+                 'batch normalization after each convolution', fontsize=10.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def print_table(results, seeds):
-    header = '{:<42s}'.format('final validation accuracy') + ''.join(
-        '{:>9s}'.format('seed {}'.format(s)) for s in seeds)
-    if len(seeds) > 1:
-        header += '{:>9s}'.format('mean')
-    print(header)
-    print('-' * len(header))
-    for key, _, _, _, _ in SETTINGS:
-        finals = [results[s][key]['validation_accuracy'][-1] for s in seeds]
-        row = '{:<42s}'.format(results[seeds[0]][key]['label']) + ''.join(
-            '{:9.3f}'.format(a) for a in finals)
+    for field, evaluation in EVALUATIONS:
+        header = '{:<42s}'.format('final accuracy, ' + evaluation) + ''.join(
+            '{:>9s}'.format('seed {}'.format(s)) for s in seeds)
         if len(seeds) > 1:
-            row += '{:9.3f}'.format(sum(finals) / len(finals))
-        print(row)
+            header += '{:>9s}'.format('mean')
+        print(header)
+        print('-' * len(header))
+        for key, _, _, _, _ in SETTINGS:
+            finals = [results[s][key][field][-1] for s in seeds]
+            row = '{:<42s}'.format(results[seeds[0]][key]['label']) + ''.join(
+                '{:9.3f}'.format(a) for a in finals)
+            if len(seeds) > 1:
+                row += '{:9.3f}'.format(sum(finals) / len(finals))
+            print(row)
+        print()
 
 
 def main(argv=None):
@@ -203,7 +225,6 @@ def main(argv=None):
         json.dump({str(s): r for s, r in results.items()}, f, indent=1)
     print()
     print_table(results, args.seeds)
-    print()
     print('{} runs in {:.0f} s; wrote {} and {}'.format(
         len(SETTINGS) * len(args.seeds), total, png,
         os.path.join(args.out, 'demo.json')))

@@ -25,6 +25,12 @@ prints Chainer's log line per epoch as it happens and writes
 ``accuracy.json`` (validation accuracy per epoch, read by ``run_demo.py``),
 the ``log`` of ``LogReport`` and the trained model, with local batch
 normalization again, as ``model.npz``.
+
+Validation accuracy is measured twice after every epoch: with the running
+averages of the batch normalization statistics (``validation/main/...``, as
+Chainer's ``Evaluator`` does), and with exact population statistics of the
+training images computed by :func:`multinode_bn.update_population_statistics`
+(``population/main/...``), after which the running averages are restored.
 """
 
 import argparse
@@ -129,6 +135,52 @@ class RankLossReport(training.Extension):
             self.summary = chainer.reporter.DictSummary()
 
 
+class PopulationStatisticsEvaluator(extensions.Evaluator):
+    """Evaluates with exact population statistics instead of running averages.
+
+    Before each evaluation, :func:`multinode_bn.update_population_statistics`
+    runs this process's training images through the model (training mode, no
+    backpropagation, batches of ``batchsize``) and sets every batch
+    normalization's ``avg_mean`` and ``avg_var`` to the exact mean and
+    variance of its inputs: over all processes for the synchronized link,
+    over this process's images for ``L.BatchNormalization``. After the
+    evaluation the running averages are put back, so training goes on as if
+    this extension were not there. Reported as ``population/main/...``.
+
+    Args:
+        iterator: Validation iterator, as for ``extensions.Evaluator``.
+        target (~chainer.links.Classifier): The classifier to evaluate.
+        train (dataset): This process's training images.
+        comm: The communicator of the processes.
+        batchsize (int): Images per process and forward pass.
+    """
+
+    default_name = 'population'
+
+    def __init__(self, iterator, target, train, comm, batchsize=100):
+        super(PopulationStatisticsEvaluator, self).__init__(iterator, target)
+        self.train, self.comm, self.batchsize = train, comm, batchsize
+
+    def evaluate(self):
+        predictor = self.get_target('main').predictor
+        links = [link for link in predictor.links()
+                 if isinstance(link, L.BatchNormalization)]
+        saved = [(link.avg_mean.copy(), link.avg_var.copy(), link.N)
+                 for link in links]
+        images = chainer.iterators.SerialIterator(
+            self.train, self.batchsize, repeat=False, shuffle=False)
+        try:
+            multinode_bn.update_population_statistics(
+                predictor, images, self.comm,
+                forward=lambda x, t: predictor(x))
+            return super(PopulationStatisticsEvaluator, self).evaluate()
+        finally:
+            for link, (mean, var, n) in zip(links, saved):
+                link.avg_mean[...] = mean
+                link.avg_var[...] = var
+                link.N = n
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--bn', choices=('local', 'multinode'),
@@ -205,6 +257,13 @@ def main(argv=None):
     # rank's own for the local one. Accuracies are averaged over ranks.
     evaluator = extensions.Evaluator(test_iter, classifier)
     trainer.extend(chainermn.create_multi_node_evaluator(evaluator, comm))
+    # The same evaluation with exact population statistics of the training
+    # images instead of the running averages.
+    population = PopulationStatisticsEvaluator(
+        chainer.iterators.SerialIterator(test, 128, repeat=False,
+                                         shuffle=False),
+        classifier, train, comm)
+    trainer.extend(chainermn.create_multi_node_evaluator(population, comm))
     trainer.extend(RankLossReport(rank))
     # A tenth of the step size for the last epoch settles the weights, so
     # the final accuracy depends less on where the last step happened to land.
@@ -214,8 +273,9 @@ def main(argv=None):
     if rank == 0:
         trainer.extend(extensions.LogReport())
         trainer.extend(extensions.PrintReport(
-            ['epoch', 'main/loss', 'validation/main/loss',
-             'main/accuracy', 'validation/main/accuracy', 'elapsed_time']))
+            ['epoch', 'main/loss', 'main/accuracy',
+             'validation/main/accuracy', 'population/main/accuracy',
+             'elapsed_time']))
         if not args.no_progress:
             trainer.extend(extensions.ProgressBar(update_interval=50))
 
@@ -233,6 +293,10 @@ def main(argv=None):
                 float(entry['validation/main/accuracy']) for entry in log],
             'validation_loss': [
                 float(entry['validation/main/loss']) for entry in log],
+            # The same, with exact population statistics of the training
+            # images instead of the running averages.
+            'population_accuracy': [
+                float(entry['population/main/accuracy']) for entry in log],
             # Rank 0's own batches, normalized with batch statistics.
             'train_accuracy_rank0': [
                 float(entry['main/accuracy']) for entry in log],
