@@ -136,10 +136,16 @@ def run_stage(n, marker, args):
                     print('    ' + line)
     seconds = time.time() - start
     summaries = [summary_of(log) for log in logs]
+    # Ranks may warn differently (a warning raised on some ranks only).
+    counts = [re.sub(r', \d+ warnings?', '', s) for s in summaries]
     if n == 1:
         words = summaries[0]
-    elif all(s == summaries[0] for s in summaries):
-        words = 'every rank: ' + summaries[0]
+    elif all(c == counts[0] for c in counts):
+        words = 'every rank: ' + counts[0]
+        if counts != summaries:
+            words += ' (warnings by rank: {})'.format(', '.join(
+                (re.findall(r'(\d+) warnings?', s) or ['0'])[0]
+                for s in summaries))
     else:
         words = '; '.join('rank {}: {}'.format(r, s)
                           for r, s in enumerate(summaries))
