@@ -204,6 +204,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        import sklearn  # NOQA
+    except ImportError:
+        # On every rank, before any collective, so that all ranks stop.
+        sys.exit('examples/train.py needs scikit-learn for its data (the '
+                 'digits ship inside it): pip install scikit-learn, or '
+                 'make demo, which installs it into .venv')
     comm = chainermn.create_communicator('naive')
     rank = comm.rank
 
