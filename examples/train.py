@@ -1,5 +1,9 @@
 """Train a small convolutional network with local or synchronized batch norm.
 
+The data are scikit-learn's bundled handwritten digits
+(:func:`sklearn.datasets.load_digits`: 1,797 grayscale 8x8 images of the
+digits 0-9, shipped inside the scikit-learn package, no download).
+
 Launch on several processes (``-m mpi4py`` makes an exception on one rank
 abort the whole job instead of leaving the others waiting in a collective)::
 
@@ -13,13 +17,20 @@ or on one process, the reference the synchronized run should match::
 ``--batchsize`` is per process (default 2), so the three commands all train on
 global batches of 8 images and run the same number of iterations per epoch.
 The model is written with plain ``L.BatchNormalization``; ``--bn multinode``
-converts it with :func:`multinode_bn.create_mnbn_model`.
+converts it with :func:`multinode_bn.create_mnbn_model`. On one process
+there is nothing to synchronize with, and the script says so.
 
 Every rank prints its own mean training loss once per epoch; rank 0 also
-shows Chainer's usual log and progress bar and writes ``accuracy.json``
-(validation accuracy per epoch, read by ``run_demo.py``), the ``log`` of
-``LogReport`` and the trained model, with local batch normalization again,
-as ``model.npz``.
+prints Chainer's log line per epoch as it happens and writes
+``accuracy.json`` (validation accuracy per epoch, read by ``run_demo.py``),
+the ``log`` of ``LogReport`` and the trained model, with local batch
+normalization again, as ``model.npz``.
+
+Validation accuracy is measured twice after every epoch: with the running
+averages of the batch normalization statistics (``validation/main/...``, as
+Chainer's ``Evaluator`` does), and with exact population statistics of the
+training images computed by :func:`multinode_bn.update_population_statistics`
+(``population/main/...``), after which the running averages are restored.
 """
 
 import argparse
@@ -38,97 +49,63 @@ import chainermn
 
 import multinode_bn
 
-N_CLASS = 4
-IMAGE_SIZE = 16
-PATCH_SIZE = 8
+N_CLASS = 10
+N_TEST = 597        # of the 1,797 digits; the other 1,200 are for training
 DATA_SEED = 0
 
 
-def make_dataset(n, seed):
-    """Synthetic oriented-texture images; the same on every process.
+def load_digits_split():
+    """scikit-learn's handwritten digits, split into training and validation.
 
-    Each 1x16x16 image holds an 8x8 patch of stripes at a random position
-    on a background of pixel noise. The class is the orientation of the
-    stripes: about 0, 45, 90 or 135 degrees (their period and phase vary).
-    Every image then gets its own brightness offset and contrast gain, the
-    gain spread over an order of magnitude, so the statistics of a batch of
-    two images swing widely from batch to batch.
-
-    Args:
-        n (int): Number of images.
-        seed (int): Seed of the generator; equal seeds give equal sets.
+    The split is fixed (``DATA_SEED``), the same on every process and for
+    every ``--seed``.
 
     Returns:
-        chainer.datasets.TupleDataset: ``(image, label)`` pairs, float32
-        images of shape ``(1, 16, 16)`` and int32 labels in ``[0, 4)``.
+        tuple: ``(train, test)``, two :class:`chainer.datasets.TupleDataset`
+        of float32 images of shape ``(1, 8, 8)`` scaled to ``[0, 1]`` and
+        int32 labels in ``[0, 10)``: 1,200 and 597 pairs.
     """
-    rng = np.random.RandomState(seed)
-    labels = rng.randint(0, N_CLASS, size=n).astype(np.int32)
-    angle = labels * (np.pi / N_CLASS) + rng.uniform(-0.15, 0.15, size=n)
-    period = rng.uniform(3.0, 5.0, size=n)
-    phase = rng.uniform(0, 2 * np.pi, size=n)
-    yy, xx = np.mgrid[0:PATCH_SIZE, 0:PATCH_SIZE].astype(np.float64)
-    proj = (np.cos(angle)[:, None, None] * xx
-            + np.sin(angle)[:, None, None] * yy)
-    patches = np.sin(2 * np.pi * proj / period[:, None, None]
-                     + phase[:, None, None])
+    from sklearn.datasets import load_digits
 
-    images = rng.normal(0, 0.6, size=(n, IMAGE_SIZE, IMAGE_SIZE))
-    top = rng.randint(0, IMAGE_SIZE - PATCH_SIZE + 1, size=n)
-    left = rng.randint(0, IMAGE_SIZE - PATCH_SIZE + 1, size=n)
-    for i in range(n):
-        images[i, top[i]:top[i] + PATCH_SIZE,
-               left[i]:left[i] + PATCH_SIZE] += patches[i]
-
-    gain = np.exp(rng.uniform(np.log(0.3), np.log(3.0), size=n))
-    offset = rng.normal(0, 2.0, size=n)
-    images = images * gain[:, None, None] + offset[:, None, None]
-    images = images[:, None].astype(np.float32)
-    return chainer.datasets.TupleDataset(images, labels)
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    labels = digits.target.astype(np.int32)
+    order = np.random.RandomState(DATA_SEED).permutation(len(labels))
+    test, train = order[:N_TEST], order[N_TEST:]
+    return (chainer.datasets.TupleDataset(images[train], labels[train]),
+            chainer.datasets.TupleDataset(images[test], labels[test]))
 
 
 class ConvNet(chainer.Chain):
-    """Four convolution blocks and a two-layer classifier, all with batch norm.
+    """Three convolution blocks with batch norm and a linear classifier.
 
-    Every hidden layer is followed by ``L.BatchNormalization`` and there is
-    no path around one (no residual shortcut; the layers before a
-    normalization have no bias, the normalization supplies it). ``bn5``
-    normalizes globally pooled features, one value per image and channel:
-    over a batch of two images it sees two values per channel, while
-    ``bn4`` (4x4 maps) sees 32.
+    Batch normalization follows every convolution, as in the detection and
+    segmentation backbones where per-process batches are small; the
+    classifier on the globally pooled features has none. The convolutions
+    have no bias (the normalization supplies it). Over a batch of two
+    images, ``bn1`` and ``bn2`` see 128 values per channel (8x8 maps),
+    ``bn3`` sees 32 (4x4).
 
     Args:
         n_class (int): Number of classes.
-        fc_bn (bool): If ``False``, no ``bn5``; ``fc1`` gets a bias instead.
     """
 
-    def __init__(self, n_class=N_CLASS, fc_bn=True):
+    def __init__(self, n_class=N_CLASS):
         super(ConvNet, self).__init__()
-        self.fc_bn = fc_bn
         with self.init_scope():
             self.conv1 = L.Convolution2D(1, 16, 3, pad=1, nobias=True)
             self.bn1 = L.BatchNormalization(16)
             self.conv2 = L.Convolution2D(16, 32, 3, pad=1, nobias=True)
             self.bn2 = L.BatchNormalization(32)
-            self.conv3 = L.Convolution2D(32, 32, 3, pad=1, nobias=True)
-            self.bn3 = L.BatchNormalization(32)
-            self.conv4 = L.Convolution2D(32, 64, 3, pad=1, nobias=True)
-            self.bn4 = L.BatchNormalization(64)
-            self.fc1 = L.Linear(64, 64, nobias=fc_bn)
-            if fc_bn:
-                self.bn5 = L.BatchNormalization(64)
-            self.fc2 = L.Linear(64, n_class)
+            self.conv3 = L.Convolution2D(32, 64, 3, pad=1, nobias=True)
+            self.bn3 = L.BatchNormalization(64)
+            self.fc = L.Linear(64, n_class)
 
     def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))                          # 16x16
-        h = F.max_pooling_2d(F.relu(self.bn2(self.conv2(h))), 2)     # 8x8
-        h = F.max_pooling_2d(F.relu(self.bn3(self.conv3(h))), 2)     # 4x4
-        h = F.relu(self.bn4(self.conv4(h)))
-        h = self.fc1(F.average(h, axis=(2, 3)))
-        if self.fc_bn:
-            h = self.bn5(h)
-        h = F.relu(h)
-        return self.fc2(h)
+        h = F.relu(self.bn1(self.conv1(x)))                          # 8x8
+        h = F.max_pooling_2d(F.relu(self.bn2(self.conv2(h))), 2)     # 4x4
+        h = F.relu(self.bn3(self.conv3(h)))
+        return self.fc(F.average(h, axis=(2, 3)))
 
 
 class RankLossReport(training.Extension):
@@ -158,6 +135,52 @@ class RankLossReport(training.Extension):
             self.summary = chainer.reporter.DictSummary()
 
 
+class PopulationStatisticsEvaluator(extensions.Evaluator):
+    """Evaluates with exact population statistics instead of running averages.
+
+    Before each evaluation, :func:`multinode_bn.update_population_statistics`
+    runs this process's training images through the model (training mode, no
+    backpropagation, batches of ``batchsize``) and sets every batch
+    normalization's ``avg_mean`` and ``avg_var`` to the exact mean and
+    variance of its inputs: over all processes for the synchronized link,
+    over this process's images for ``L.BatchNormalization``. After the
+    evaluation the running averages are put back, so training goes on as if
+    this extension were not there. Reported as ``population/main/...``.
+
+    Args:
+        iterator: Validation iterator, as for ``extensions.Evaluator``.
+        target (~chainer.links.Classifier): The classifier to evaluate.
+        train (dataset): This process's training images.
+        comm: The communicator of the processes.
+        batchsize (int): Images per process and forward pass.
+    """
+
+    default_name = 'population'
+
+    def __init__(self, iterator, target, train, comm, batchsize=100):
+        super(PopulationStatisticsEvaluator, self).__init__(iterator, target)
+        self.train, self.comm, self.batchsize = train, comm, batchsize
+
+    def evaluate(self):
+        predictor = self.get_target('main').predictor
+        links = [link for link in predictor.links()
+                 if isinstance(link, L.BatchNormalization)]
+        saved = [(link.avg_mean.copy(), link.avg_var.copy(), link.N)
+                 for link in links]
+        images = chainer.iterators.SerialIterator(
+            self.train, self.batchsize, repeat=False, shuffle=False)
+        try:
+            multinode_bn.update_population_statistics(
+                predictor, images, self.comm,
+                forward=lambda x, t: predictor(x))
+            return super(PopulationStatisticsEvaluator, self).evaluate()
+        finally:
+            for link, (mean, var, n) in zip(links, saved):
+                link.avg_mean[...] = mean
+                link.avg_var[...] = var
+                link.N = n
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--bn', choices=('local', 'multinode'),
@@ -172,15 +195,8 @@ def parse_args(argv=None):
                         help='output directory (written by rank 0)')
     parser.add_argument('--seed', type=int, default=1,
                         help='seed of initial weights and data order')
-    parser.add_argument('--n-train', type=int, default=1024,
-                        help='training images (all processes together)')
-    parser.add_argument('--n-test', type=int, default=1024,
-                        help='validation images (all processes together)')
     parser.add_argument('--alpha', type=float, default=1e-3,
                         help='Adam step size (a tenth for the last epoch)')
-    parser.add_argument('--no-fc-bn', action='store_true',
-                        help='leave out bn5, the batch normalization of '
-                             'pooled features (see docs/usage.md)')
     parser.add_argument('--no-progress', action='store_true',
                         help='no progress bar (for logs)')
     return parser.parse_args(argv)
@@ -188,13 +204,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        import sklearn  # NOQA
+    except ImportError:
+        # On every rank, before any collective, so that all ranks stop.
+        sys.exit('examples/train.py needs scikit-learn for its data (the '
+                 'digits ship inside it): pip install scikit-learn, or '
+                 'make demo, which installs it into .venv')
     comm = chainermn.create_communicator('naive')
     rank = comm.rank
 
     # Same seed on every rank: equal initial weights (the multi-node
     # optimizer broadcasts rank 0's anyway) and an equal dataset.
     np.random.seed(args.seed)
-    model = ConvNet(fc_bn=not args.no_fc_bn)
+    model = ConvNet()
     if args.bn == 'multinode':
         model = multinode_bn.create_mnbn_model(model, comm)
     classifier = L.Classifier(model)
@@ -203,11 +226,10 @@ def main(argv=None):
         chainer.optimizers.Adam(alpha=args.alpha), comm)
     optimizer.setup(classifier)
 
-    # The data set is fixed (DATA_SEED); --seed only changes the weights,
+    # The split is fixed (DATA_SEED); --seed only changes the weights,
     # which images each rank gets and in which order it sees them.
     if rank == 0:
-        train = make_dataset(args.n_train, DATA_SEED)
-        test = make_dataset(args.n_test, DATA_SEED + 1)
+        train, test = load_digits_split()
     else:
         train = test = None
     train = chainermn.scatter_dataset(train, comm, shuffle=True,
@@ -221,6 +243,12 @@ def main(argv=None):
     test_iter = chainer.iterators.SerialIterator(
         test, 128, repeat=False, shuffle=False)
 
+    if comm.size == 1:
+        sys.stdout.write(
+            'note: 1 process, so batch normalization is not synchronized '
+            '(statistics of this process\'s {} images only); for N processes '
+            'run: mpiexec -n N python -m mpi4py {}\n'.format(
+                args.batchsize, os.path.relpath(__file__)))
     bn_links = sorted({type(link).__name__ for link in model.links()
                        if isinstance(link, L.BatchNormalization)})
     sys.stdout.write('rank {} of {}: {}, {} training images, {} per '
@@ -236,6 +264,13 @@ def main(argv=None):
     # rank's own for the local one. Accuracies are averaged over ranks.
     evaluator = extensions.Evaluator(test_iter, classifier)
     trainer.extend(chainermn.create_multi_node_evaluator(evaluator, comm))
+    # The same evaluation with exact population statistics of the training
+    # images instead of the running averages.
+    population = PopulationStatisticsEvaluator(
+        chainer.iterators.SerialIterator(test, 128, repeat=False,
+                                         shuffle=False),
+        classifier, train, comm)
+    trainer.extend(chainermn.create_multi_node_evaluator(population, comm))
     trainer.extend(RankLossReport(rank))
     # A tenth of the step size for the last epoch settles the weights, so
     # the final accuracy depends less on where the last step happened to land.
@@ -245,8 +280,9 @@ def main(argv=None):
     if rank == 0:
         trainer.extend(extensions.LogReport())
         trainer.extend(extensions.PrintReport(
-            ['epoch', 'main/loss', 'validation/main/loss',
-             'main/accuracy', 'validation/main/accuracy', 'elapsed_time']))
+            ['epoch', 'main/loss', 'main/accuracy',
+             'validation/main/accuracy', 'population/main/accuracy',
+             'elapsed_time']))
         if not args.no_progress:
             trainer.extend(extensions.ProgressBar(update_interval=50))
 
@@ -256,7 +292,6 @@ def main(argv=None):
         log = trainer.get_extension('LogReport').log
         result = {
             'bn': args.bn,
-            'fc_bn': not args.no_fc_bn,
             'processes': comm.size,
             'batchsize_per_process': args.batchsize,
             'seed': args.seed,
@@ -265,6 +300,10 @@ def main(argv=None):
                 float(entry['validation/main/accuracy']) for entry in log],
             'validation_loss': [
                 float(entry['validation/main/loss']) for entry in log],
+            # The same, with exact population statistics of the training
+            # images instead of the running averages.
+            'population_accuracy': [
+                float(entry['population/main/accuracy']) for entry in log],
             # Rank 0's own batches, normalized with batch statistics.
             'train_accuracy_rank0': [
                 float(entry['main/accuracy']) for entry in log],

@@ -84,6 +84,16 @@ def test_integer_input_on_one_rank_raises_on_every_rank():
 
 
 @parallel
+def test_input_without_batch_axis_on_one_rank_raises_on_every_rank():
+    _, message = _raises_everywhere(
+        lambda r: multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_WORLD),
+        lambda r: numpy.zeros((3,) if r == 1 else (2, 3), numpy.float32),
+        'no batch axis')
+    assert 'rank(s) 1' in message and 'x float32 (3,)' in message
+    assert 'channels do not match' not in message
+
+
+@parallel
 def test_wrong_channel_count_for_size_raises_clearly_on_every_rank():
     _, message = _raises_everywhere(
         lambda r: multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_WORLD),
@@ -230,6 +240,8 @@ def test_single_process_bad_input_errors_are_clear():
         link(numpy.zeros((2, 3), numpy.int32))
     with pytest.raises(InconsistentInputError, match='channels do not match'):
         link(numpy.zeros((2, 4), numpy.float32))
+    with pytest.raises(InconsistentInputError, match='no batch axis'):
+        link(numpy.zeros(3, numpy.float32))
 
 
 ABORT_SCRIPT = textwrap.dedent('''

@@ -61,7 +61,8 @@ _PROBLEMS = {
     TOO_MANY_DIMS: 'input has more than 8 dimensions',
     DTYPE_MISMATCH: 'gamma and beta differ in dtype',
     PARAM_MISMATCH: 'gamma and beta are not floating point of one shape',
-    NO_BATCH_AXIS: 'x has no batch axis (give it at least 2 dimensions)',
+    NO_BATCH_AXIS: ('x has no batch axis: it needs one more dimension than '
+                    'the parameters, e.g. x[None] for a single sample'),
     RUNNING_MISMATCH: 'running_mean or running_var does not match gamma',
     WIDTH_CHANGED: 'the channel count changed since the first call',
 }
@@ -99,11 +100,11 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
         return PARAM_MISMATCH
     if param_dtype != beta_dtype:
         return DTYPE_MISMATCH
+    if len(x_shape) <= len(param_shape):
+        return NO_BATCH_AXIS
     if any(not 0 <= a < len(x_shape) for a in axis) or \
             list(axis) != sorted(set(axis)):
         return BAD_AXIS
-    if len(x_shape) <= len(param_shape):
-        return NO_BATCH_AXIS
     key = tuple(d for i, d in enumerate(x_shape) if i not in axis)
     if key != tuple(param_shape):
         return CHANNEL_MISMATCH

@@ -266,6 +266,8 @@ class MultiNodeBNImplSelector(object):
         self._current = None
         self._statistics = {}
         self._sequence = 0
+        #: Whether :meth:`prepare` ran for the call about to be applied.
+        self.prepared = False
         # The shift of the exchanged sums: the same on every process (the
         # previous global mean of this link), near the mean of the next
         # batch; zero before the first exchange.
@@ -330,6 +332,7 @@ class MultiNodeBNImplSelector(object):
             self.exchange_moments(xp.zeros(
                 ((self.exchange.width - validation.INBAND_LEN - 1) // 2, 3),
                 statistics.MOMENTS_DTYPE))
+        self.prepared = True
 
     def _describe_input(self, x_shape, x_arr, g_arr, b_arr, axis, running):
         if isinstance(axis, int):
@@ -523,6 +526,14 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
         return chainer.Fallback
 
     def forward(self, inputs):
+        selector = self._impl_selector
+        if not selector.prepared:
+            # Applied directly rather than through
+            # multi_node_batch_normalization: count and check the call here.
+            x, gamma, beta = inputs
+            selector.prepare(x, gamma, beta, self.axis, self.eps, self.decay,
+                             running=(self.running_mean, self.running_var))
+        selector.prepared = False
         with warnings.catch_warnings():
             # One local sample is fine when the global batch is larger; the
             # global count is checked after the exchange instead.
