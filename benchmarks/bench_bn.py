@@ -66,14 +66,22 @@ COLLECTIVES = (
 
 
 class Counting(MPI.Intracomm):
-    """``Counting(MPI.COMM_WORLD)``: the same communicator, counting calls."""
+    """``Counting(MPI.COMM_WORLD)``: the same communicator, counting calls,
+    also those on the duplicates a link makes of it."""
 
-    def __new__(cls, comm):
-        return super().__new__(cls, comm)
+    def __new__(cls, comm=None):
+        return super().__new__(cls, MPI.COMM_WORLD if comm is None else comm)
 
-    def __init__(self, comm):
+    def __init__(self, comm=None):
         super().__init__()
         self.calls = []
+
+    def Idup(self, *args):
+        self.calls.append('Idup')
+        dup, request = MPI.Intracomm.Idup(self, *args)
+        counting = Counting(dup)
+        counting.calls = self.calls
+        return counting, request
 
 
 def _counted(name):
@@ -175,13 +183,13 @@ def count_collectives(make_link, x, gy, train=True):
     link = make_link(comm)
     case = Case('', link, x, gy)
     case.train_step()  # first call: parameter init, MPI op creation
-    comm.calls = []
+    del comm.calls[:]
     link.cleargrads()
     case.xv.cleargrad()
     with chainer.using_config('train', train):
         y = link(case.xv)
     forward = list(comm.calls)
-    comm.calls = []
+    del comm.calls[:]
     if train:
         y.grad = gy
         y.backward()
@@ -213,16 +221,17 @@ def collective_costs(world, channel_counts, iters):
     """
     from multinode_bn import communication
     from multinode_bn import validation
-    exchange = communication.create_exchange(world, 'mpi')
-    header = validation.inband_header((1, 2), validation.OK)
+    header = validation.inband_header(validation.exchange_digest('bench'))
     rows = []
     for channels in channel_counts:
+        exchange = communication.create_exchange(world, 'mpi')
+        exchange.width = validation.INBAND_LEN + 1 + 2 * channels
         shifted = numpy.zeros(1 + 2 * channels)
         sums = numpy.zeros((2, channels))
         send = numpy.zeros(2 * channels, dtype=numpy.float32)
         recv = numpy.empty_like(send)
         steps = [lambda: exchange.allreduce_sums(shifted, header),
-                 lambda: exchange.allreduce_sum(sums),
+                 lambda: exchange.allreduce_sums(sums, header),
                  lambda: world.Allreduce(send, recv, op=MPI.SUM)]
         medians = []
         for step in steps:
@@ -411,12 +420,8 @@ def main():
     say('copy bandwidth (numpy.copyto of 256 MiB on every rank at once, '
         'read + write): {:.1f} GB/s per rank'.format(bandwidth / 1e9))
 
-    try:
-        collective_rows = collective_costs(world, (64, 256, 1024, 2048),
-                                           20 if args.quick else 200)
-    except (AttributeError, TypeError) as error:  # the exchange API moved
-        collective_rows = []
-        say('collective timing skipped: {!r}'.format(error))
+    collective_rows = collective_costs(world, (64, 256, 1024, 2048),
+                                       20 if args.quick else 200)
 
     real_rows = []
     for shape in REAL_LAYERS:
@@ -489,7 +494,7 @@ def main():
                         channels, self_comm), x, gy)
         solo_time, solo_local = interleaved_medians(
             [solo, cases[2]], 'train_step', iters, warmup, world)
-        self_comm.calls = []
+        del self_comm.calls[:]
         solo.train_step()
         extra_rows.append((shape, forward, backward, eval_ours, eval_local,
                            eval_calls, solo_time, solo_local,
@@ -538,9 +543,10 @@ def main():
     if collective_rows:
         say()
         say('One collective alone, us per call (median, slowest rank): ours '
-            'forward (6 + 1 + 2 C float64, built-in SUM), ours backward (2 C '
-            'float64), and ChainerMN\'s per-direction blocking Allreduce of '
-            '2 C float32')
+            'forward and backward (one Iallreduce, built-in SUM, of the '
+            '11-value in-band header and 1 + 2 C float64; the backward\'s '
+            '2 C sums padded to that size), and ChainerMN\'s per-direction '
+            'blocking Allreduce of 2 C float32')
         say('{:>8} {:>14} {:>14} {:>16}'.format('C', 'ours forward',
                                                 'ours backward',
                                                 'ChainerMN-style'))

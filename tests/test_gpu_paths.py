@@ -327,7 +327,7 @@ def test_nccl_moments_merge_like_the_concatenated_batch(fake_cupy):
     rng = numpy.random.RandomState(0)
     host = numpy.stack([numpy.full(4, 5.0), rng.standard_normal(4),
                         rng.uniform(1, 2, 4)], axis=1)
-    header = validation.inband_header((11, 22), validation.OK)
+    header = HEADER
     shift = numpy.array([0.0, 1.0, -2.0, 0.5])
     sums, summed = exchange.allreduce_sums(_sums(fake_cupy, host, shift),
                                            header)
@@ -346,7 +346,7 @@ def test_nccl_moments_merge_like_the_concatenated_batch(fake_cupy):
 def test_nccl_forward_needs_no_device_to_host_copy(fake_cupy):
     exchange, comm = _nccl_exchange()
     host = numpy.tile([[5.0, 0.5, 2.0]], (4, 1))
-    header = validation.inband_header((11, 22), validation.OK)
+    header = HEADER
     exchange.allreduce_sums(_sums(fake_cupy, host, numpy.zeros(4)), header)
     assert fake_cupy.host_copies == 0
     assert exchange.mpi_comm.calls == ['Iallreduce']
@@ -357,7 +357,7 @@ def test_nccl_forward_needs_no_device_to_host_copy(fake_cupy):
 
 def test_nccl_disagreeing_header_skips_the_device_collective(fake_cupy):
     exchange, comm = _nccl_exchange()
-    header = validation.inband_header((11, 22), validation.OK)
+    header = HEADER
 
     class Disagreeing(_FakeMpiComm):
         def Iallreduce(self, send, recv, op=None):

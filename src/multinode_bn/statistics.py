@@ -44,6 +44,8 @@ does well). :func:`merge_moments` combines two sets of moments exactly,
 whatever their means.
 """
 
+import functools
+
 import numpy
 
 #: The dtype moments and sums travel in.
@@ -98,6 +100,12 @@ class Layout(object):
                             for part in (a_axes, keep, b_axes))
         self._inverse = tuple(int(i) for i in numpy.argsort(self.order))
 
+    @staticmethod
+    def of(x, axis):
+        """The layout of ``x`` (cached per shape, strides and axes: a
+        layer's input has the same ones at every call)."""
+        return _layout(tuple(x.shape), tuple(x.strides), tuple(axis))
+
     def view(self, a):
         """``a`` seen as ``(A, C, B)``: a view when its memory order allows
         it (a C-contiguous result), otherwise one C-contiguous copy."""
@@ -112,6 +120,18 @@ class Layout(object):
         a view in the input's shape and memory order."""
         return a3.reshape([self.shape[i] for i in self.order]).transpose(
             self._inverse)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(shape, strides, axis):
+    return Layout(_Shape(shape, strides), axis)
+
+
+class _Shape(object):
+    """Just the shape and strides of an array."""
+
+    def __init__(self, shape, strides):
+        self.shape, self.strides, self.ndim = shape, strides, len(shape)
 
 
 def rounded_centre(mean, dtype):

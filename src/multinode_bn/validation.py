@@ -271,14 +271,11 @@ def exchange_digest(identity):
 
 def inband_header(digest, problem=OK, nonfinite=False):
     """The float64 header summed inside every statistics exchange."""
-    h = numpy.zeros(INBAND_LEN)
-    h[0] = 1.0
-    for i, d in enumerate(digest):
-        h[1 + 2 * i] = d
-        h[2 + 2 * i] = float(d) * d
-    h[-2] = float(problem != OK)
-    h[-1] = float(bool(nonfinite))
-    return h
+    values = [1.0]
+    for d in digest:
+        values += [d, d * d]
+    values += [problem != OK, bool(nonfinite)]
+    return numpy.array(values, dtype=numpy.float64)
 
 
 def inband_agrees(summed):
@@ -291,7 +288,7 @@ def inband_agrees(summed):
     integers. The test reads only the sums: every process reaches the same
     answer.
     """
-    values = [int(v) for v in numpy.asarray(summed, dtype=numpy.float64)]
+    values = [int(v) for v in numpy.asarray(summed, numpy.float64).tolist()]
     n = values[0]
     for i in range(DIGEST_PIECES):
         if n * values[2 + 2 * i] != values[1 + 2 * i] ** 2:

@@ -134,7 +134,7 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
                 beta, eps, decay, running_mean, running_var):
         interm_dtype = numpy.promote_types(x.dtype, gamma.dtype)
         stats = self.selector.statistics_for(x, interm_dtype)
-        layout = statistics.Layout(x, axis)
+        layout = statistics.Layout.of(x, axis)
         x3 = layout.view(x)
         if x3.size:
             moments = stats.local_moments(x3)
@@ -169,7 +169,7 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
     def backward(self, axis, gamma, gy, x, x_layout, xp,
                  expander, mean, inv_std, eps, var, forward_data):
         stats = forward_data.statistics
-        layout = statistics.Layout(x, axis)
+        layout = statistics.Layout.of(x, axis)
         x3 = layout.view(x)
         # The upstream gradient seen in the input's memory order: a view
         # when it has that order, one copy otherwise.
@@ -359,8 +359,12 @@ class MultiNodeBNImplSelector(object):
     def identity(self, kind, current):
         """What an exchange of call ``current`` is: equal on every process
         that makes the same exchange."""
-        return (kind, self.label, current.call, self.exchange.width,
-                current.config, current.described.signature)
+        if current.prefix is None:
+            # What all exchanges of the call share, written once per call.
+            current.prefix = repr((self.label, current.call,
+                                   self.exchange.width, current.config,
+                                   current.described.signature))
+        return kind, current.prefix
 
     def _check_headers(self, kind, current, nonfinite=False):
         call = current.call
@@ -474,12 +478,13 @@ class _Described(object):
 class _Call(object):
     """The call in progress: its input, problem, number and configuration."""
 
-    __slots__ = ('described', 'problem', 'call', 'config', 'what')
+    __slots__ = ('described', 'problem', 'call', 'config', 'what', 'prefix')
 
     def __init__(self, described, problem, call, config):
         self.described, self.problem = described, problem
         self.call, self.config = call, config
         self.what = described.what
+        self.prefix = None
 
 
 def _number(v):
