@@ -60,7 +60,7 @@ def _run(links, inputs, mutation, rng):
 
 
 @pytest.mark.parallel(nprocs=[2, 3])
-@pytest.mark.parametrize('seed', range(12))
+@pytest.mark.parametrize('seed', range(24))
 def test_divergent_control_flow_raises_everywhere_or_matches_reference(
         seed):
     # A communicator of the scenario's own: a process stalled while making
