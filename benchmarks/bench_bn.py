@@ -252,6 +252,17 @@ def describe(calls):
         '{}x{}'.format(calls.count(n), n) for n in names))
 
 
+def three_links(channels, x, gy, world, mn_comm):
+    """Ours, ChainerMN's and Chainer's local link on the same input."""
+    return [
+        Case('ours', multinode_bn.MultiNodeBatchNormalization(
+            channels, world), x, gy),
+        Case('ChainerMN', chainermn.links.MultiNodeBatchNormalization(
+            channels, mn_comm), x, gy),
+        Case('L.BN', L.BatchNormalization(channels), x, gy),
+    ]
+
+
 def layer_output(shape, rng):
     """A real layer's output of ``shape``: ``L.Convolution2D`` (1x1, from 16
     channels) for 4-D shapes, ``L.Linear`` for 2-D ones, float32."""
@@ -429,13 +440,7 @@ def main():
         x = layer_output(shape, rng)
         gy = like(x, rng)
         channels = shape[1]
-        cases = [
-            Case('ours', multinode_bn.MultiNodeBatchNormalization(
-                channels, world), x, gy),
-            Case('ChainerMN', chainermn.links.MultiNodeBatchNormalization(
-                channels, mn_comm), x, gy),
-            Case('L.BN', L.BatchNormalization(channels), x, gy),
-        ]
+        cases = three_links(channels, x, gy, world, mn_comm)
         real_rows.append((shape, layout_name(x)) + tuple(interleaved_medians(
             cases, 'train_step', iters, warmup, world)))
     say()
@@ -465,12 +470,7 @@ def main():
         x = rng.standard_normal(shape).astype(numpy.float32)
         gy = rng.standard_normal(shape).astype(numpy.float32)
         channels = shape[1]
-        cases = [
-            Case('ours', multinode_bn.MultiNodeBatchNormalization(
-                channels, world), x, gy),
-            Case('ChainerMN', chainermn.links.MultiNodeBatchNormalization(
-                channels, mn_comm), x, gy),
-            Case('L.BN', L.BatchNormalization(channels), x, gy),
+        cases = three_links(channels, x, gy, world, mn_comm) + [
             FallbackCase('ours, reference',
                          multinode_bn.MultiNodeBatchNormalization(
                              channels, world), x, gy),
