@@ -22,10 +22,11 @@ needs_loops = pytest.mark.skipif(
     not cpu_kernels.available(),
     reason='multinode_bn._cpu_kernels was not built (no C compiler?)')
 
-# (A, C, B): channels last / 2-D (a block of 64 channels and a tail), short
-# runs (B <= 16: blocks and a tail), a single value, long runs.
-SHAPES = [(7, 5, 1), (33, 70, 1), (3, 130, 1), (3, 4, 13), (3, 50, 13),
-          (5, 9, 4), (1, 1, 1), (2, 1, 1000), (4, 3, 49)]
+# (A, C, B): channels last / 2-D (blocks of 64 channels and a tail; above
+# 256 channels the element-wise loops read rows in order), short runs
+# (B <= 16: blocks and a tail), a single value, long runs.
+SHAPES = [(7, 5, 1), (33, 70, 1), (3, 130, 1), (5, 300, 1), (3, 4, 13),
+          (3, 50, 13), (5, 9, 4), (1, 1, 1), (2, 1, 1000), (4, 3, 49)]
 DTYPES = [numpy.float32, numpy.float64]
 BACKENDS = ['reference', pytest.param('C loops', marks=needs_loops),
             pytest.param('cupy', marks=pytest.mark.gpu)]

@@ -51,6 +51,10 @@
  * values instead: 3-5 times faster there. Longer runs read the batch in
  * order, which measured faster from the L3 and DRAM (7 x 7 images). */
 #define MNBN_SHORT_RUN 17
+/* The element-wise loops over channels innermost (B == 1) go block by block
+ * of channels for rows of up to this many channels; longer rows are read in
+ * order (a block's sweep over rows 4 KiB apart and more thrashes the L1). */
+#define MNBN_BLOCKED_MAX 256
 #define MNBN_SHORT_BLOCK 512
 
 #define MNBN_DEFINE_LOOPS(T, NAME)                                            \
@@ -221,11 +225,30 @@ scale_shift_##NAME(const T *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,      \
     if (A == 0 || B == 0 || C == 0)                                           \
         return;                                                               \
     if (B == 1) {                                                             \
-        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+        /* Few channels: blocks whose coefficients stay in registers. */      \
+        Py_ssize_t c0 = 0;                                                    \
+        for (; C <= MNBN_BLOCKED_MAX && c0 + MNBN_CHANNEL_BLOCK <= C;         \
+             c0 += MNBN_CHANNEL_BLOCK) {                                      \
+            T s[MNBN_CHANNEL_BLOCK], k[MNBN_CHANNEL_BLOCK];                   \
+            T o[MNBN_CHANNEL_BLOCK];                                          \
+            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
+                s[c] = shift[c0 + c];                                         \
+                k[c] = scale[c0 + c];                                         \
+                o[c] = offset[c0 + c];                                        \
+            }                                                                 \
+            for (Py_ssize_t a = 0; a < A; ++a) {                              \
+                const T *row = x + a * C + c0;                                \
+                T *out = y + a * C + c0;                                      \
+                MNBN_SIMD                                                     \
+                for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c)                  \
+                    out[c] = (row[c] - s[c]) * k[c] + o[c];                   \
+            }                                                                 \
+        }                                                                     \
+        for (Py_ssize_t a = 0; a < A && c0 < C; ++a) {                        \
             const T *row = x + a * C;                                         \
             T *out = y + a * C;                                               \
             MNBN_SIMD                                                         \
-            for (Py_ssize_t c = 0; c < C; ++c)                                \
+            for (Py_ssize_t c = c0; c < C; ++c)                               \
                 out[c] = (row[c] - shift[c]) * scale[c] + offset[c];          \
         }                                                                     \
         return;                                                               \
@@ -252,11 +275,33 @@ input_gradient_##NAME(const T *x, const T *gy, Py_ssize_t A, Py_ssize_t C,    \
     if (A == 0 || B == 0 || C == 0)                                           \
         return;                                                               \
     if (B == 1) {                                                             \
-        for (Py_ssize_t a = 0; a < A; ++a) {                                  \
+        /* Few channels: blocks of channels whose coefficients stay in      \
+         * registers, as in the sums (two loads and one store per value). */  \
+        Py_ssize_t c0 = 0;                                                    \
+        for (; C <= MNBN_BLOCKED_MAX && c0 + MNBN_CHANNEL_BLOCK <= C;         \
+             c0 += MNBN_CHANNEL_BLOCK) {                                      \
+            T s[MNBN_CHANNEL_BLOCK], pb[MNBN_CHANNEL_BLOCK];                  \
+            T qb[MNBN_CHANNEL_BLOCK], rb[MNBN_CHANNEL_BLOCK];                 \
+            for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c) {                    \
+                s[c] = shift[c0 + c];                                         \
+                pb[c] = p[c0 + c];                                            \
+                qb[c] = q[c0 + c];                                            \
+                rb[c] = r[c0 + c];                                            \
+            }                                                                 \
+            for (Py_ssize_t a = 0; a < A; ++a) {                              \
+                const T *row = x + a * C + c0, *grow = gy + a * C + c0;       \
+                T *out = gx + a * C + c0;                                     \
+                MNBN_SIMD                                                     \
+                for (int c = 0; c < MNBN_CHANNEL_BLOCK; ++c)                  \
+                    out[c] = pb[c] * grow[c] + qb[c] * (row[c] - s[c])        \
+                        + rb[c];                                              \
+            }                                                                 \
+        }                                                                     \
+        for (Py_ssize_t a = 0; a < A && c0 < C; ++a) {                        \
             const T *row = x + a * C, *grow = gy + a * C;                     \
             T *out = gx + a * C;                                              \
             MNBN_SIMD                                                         \
-            for (Py_ssize_t c = 0; c < C; ++c)                                \
+            for (Py_ssize_t c = c0; c < C; ++c)                               \
                 out[c] = p[c] * grow[c] + q[c] * (row[c] - shift[c]) + r[c];  \
         }                                                                     \
         return;                                                               \
