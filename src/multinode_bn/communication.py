@@ -303,9 +303,19 @@ class _StatsExchange(object):
         return self._own
 
     def _duplicate(self, comm, describe):
-        own, request = comm.Idup()
-        self._wait(request, lambda: 'creation of the communicator for the '
-                   + describe(), own)
+        try:
+            own, request = comm.Idup()
+            self._wait(request, lambda: 'creation of the communicator for '
+                       'the ' + describe(), own)
+        except _mpi().Exception as error:
+            raise RuntimeError(
+                'multinode_bn: rank {}: the communicator for the {} could not '
+                'be created ({}). Each synchronized link that has exchanged '
+                'holds a communicator of its own, and MPI allows a few '
+                'thousand at once (MPICH: about 2,000): keep fewer links '
+                'alive, or share one link between copies of a model '
+                '(copy.deepcopy and link.copy() share it).'.format(
+                    self.rank, describe(), error.Get_error_string()))
         return own
 
     @mpi_comm.setter
