@@ -287,3 +287,35 @@ def test_stall_policy_rejects_unusable_timeouts():
             communication.StallPolicy(timeout)
     assert repr(communication.StallPolicy(2.5, 'raise')).startswith(
         "StallPolicy(timeout=2.5, action='raise'")
+
+
+@parallel
+def test_links_on_one_process_only_do_not_shift_the_others_labels():
+    # A helper link, or a functional call, on a one-process communicator
+    # made on rank 0 alone must not change how the shared links are named.
+    comm = MPI.COMM_WORLD
+    x = _x(comm.rank)
+    if comm.rank == 0:
+        multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_SELF)(x)
+        multinode_bn.multi_node_batch_normalization(
+            x, numpy.ones(3, numpy.float32), numpy.zeros(3, numpy.float32),
+            MPI.COMM_SELF)
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    xs = [_x(r) for r in range(comm.size)]
+    ours = run_link(link, x, numpy.ones_like(x))
+    ref = reference(xs, [numpy.ones_like(v) for v in xs], 3)
+    assert_matches_reference(ours, ref, 4 * comm.rank, 4, comm.size, 2e-4,
+                             2e-4)
+
+
+@parallel
+def test_a_dropped_link_releases_its_communicator_at_once():
+    import weakref
+    comm = MPI.COMM_WORLD
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    link(_x(comm.rank))
+    exchange = weakref.ref(link._impl_selector.exchange)
+    assert exchange().link_comm(str) is not comm
+    del link
+    # No reference cycle keeps it until a garbage collection.
+    assert exchange() is None

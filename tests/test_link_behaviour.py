@@ -35,11 +35,10 @@ def test_exactly_one_collective_in_forward_and_one_in_backward():
         y.grad = numpy.ones_like(x)
         y.backward()
         backward_calls = comm.calls[len(forward_calls):]
-        # The first call of a link makes its own communicator (after the
-        # package's own duplicate of this one) and checks the input across
-        # ranks with one small fixed-size exchange.
-        expected = ['Idup', 'Idup', 'Iallgather', 'Iallreduce'] \
-            if step == 0 else ['Iallreduce']
+        # The first call of a link makes its own communicator and checks
+        # the input across ranks with one small fixed-size exchange.
+        expected = ['Idup', 'Iallgather', 'Iallreduce'] if step == 0 else [
+            'Iallreduce']
         assert forward_calls == expected, forward_calls
         assert backward_calls == ['Iallreduce'], backward_calls
 

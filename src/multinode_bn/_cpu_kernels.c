@@ -589,10 +589,5 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__cpu_kernels(void)
 {
-    PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "SHIFT_SAMPLE", MNBN_SHIFT_SAMPLE)) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModule_Create(&module);
 }

@@ -287,19 +287,14 @@ class _StatsExchange(object):
 
     def link_comm(self, describe):
         """This exchange's own duplicate of the communicator, made at the
-        first exchange (``describe`` says which, for a stall report): a
-        non-blocking collective on the package's private duplicate of the
-        communicator given, so that a process that never joins leaves no
-        collective pending on the user's communicator."""
+        first exchange (``describe`` says which, for a stall report) by a
+        non-blocking duplication under the stall report."""
         if self._own is None:
             if self.size == 1:
                 self._own = self.base_comm
             else:
-                with _DUPLICATION:
-                    own = self._duplicate(
-                        _private(self.base_comm, self.rank), describe)
-                self._own = own
-                weakref.finalize(self, _free, own)
+                self._own = self._duplicate(self.base_comm, describe)
+                weakref.finalize(self, _free, self._own)
         return self._own
 
     def _duplicate(self, comm, describe):
@@ -348,12 +343,13 @@ class _StatsExchange(object):
     def _wait(self, request, describe, *buffers):
         try:
             wait(request, self.rank, describe)
-        except StallError:
-            # The collective is still in flight: its request, buffers and
-            # communicator must outlive this call, or a late completion
-            # would write into freed memory.
+        except BaseException as error:
+            # The collective is still in flight (a stall, an interrupt): its
+            # request, buffers and communicator must outlive this call, or a
+            # late completion would write into freed memory.
             _ABANDONED.append((request, buffers, self._own))
-            self.stalled = describe()
+            self.stalled = '{} ({})'.format(describe(),
+                                            type(error).__name__)
             raise
 
     def _host_sum(self, buf, describe):
@@ -497,11 +493,6 @@ def _like(reference, host):
 
 # Collectives whose exchange raised StallError, kept alive for good.
 _ABANDONED = []
-# Two threads creating links' communicators at once would duplicate in an
-# order that differs between processes.
-_DUPLICATION = threading.Lock()
-
-
 class _Release(object):
     def __init__(self, lock):
         self.lock = lock
@@ -514,12 +505,9 @@ class _Release(object):
 
 
 def allgather_objects(comm, obj):
-    """Every process's ``obj`` (picklable), in rank order.
-
-    For the few exchanges of the population statistics that are not sums
-    of a fixed size: mpi4py's pickle-based ``allgather`` on the package's
-    private duplicate of ``comm``, so that it can never pair with a
-    collective of the user's.
+    """Every process's ``obj`` (picklable), in rank order: mpi4py's
+    pickle-based ``allgather``, for the few exchanges of the population
+    statistics that are not sums of a fixed size.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm``.
@@ -528,23 +516,7 @@ def allgather_objects(comm, obj):
     mpi_comm = mpi_comm_of(comm)
     if mpi_comm.Get_size() == 1:
         return [obj]
-    return _private(mpi_comm, mpi_comm.Get_rank()).allgather(obj)
-
-
-# The package's own duplicate of each communicator object handed to it
-# (the object is kept alive with it, so its id is never reused).
-_PRIVATE = {}
-
-
-def _private(comm, rank):
-    entry = _PRIVATE.get(id(comm))
-    if entry is None:
-        private, request = comm.Idup()
-        wait(request, rank, lambda: 'the first exchange of multinode_bn on '
-             'this communicator (a process that never calls batch '
-             'normalization?)')
-        entry = _PRIVATE[id(comm)] = (comm, private)
-    return entry[1]
+    return mpi_comm.allgather(obj)
 
 
 def _free(comm):
@@ -552,3 +524,21 @@ def _free(comm):
     if MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED):
         return
     comm.Free()
+
+
+_link_numbers = {}
+
+
+def link_number(comm):
+    """The next creation number of a synchronized link on ``comm`` (the
+    same on every process that creates its links on ``comm`` in the same
+    order), or ``None`` for a one-process communicator, which never
+    exchanges."""
+    mpi_comm = mpi_comm_of(comm)
+    if mpi_comm.Get_size() == 1:
+        return None
+    # Keyed by the communicator object, kept alive with its count so that
+    # its id is never reused.
+    entry = _link_numbers.setdefault(id(mpi_comm), [mpi_comm, 0])
+    entry[1] += 1
+    return entry[1]

@@ -16,8 +16,7 @@ order, so all processes end with bit-identical statistics.
 Its exchanges (one small object exchange per batch, so that processes
 whose data ran out can still join every synchronized call, and one exchange
 of moments at the end) go through
-:func:`multinode_bn.communication.allgather_objects`, on the package's own
-duplicate of the communicator.
+:func:`multinode_bn.communication.allgather_objects`.
 """
 
 import warnings

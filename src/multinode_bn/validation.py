@@ -296,11 +296,6 @@ def inband_agrees(summed):
     return values[-2] == 0 and values[-1] == 0
 
 
-def inband_nonfinite(summed):
-    """Whether some process reported non-finite statistics."""
-    return float(summed[-1]) > 0
-
-
 def nonfinite_ranks(headers):
     """Ranks whose header says their local statistics were not finite."""
     return [r for r, h in enumerate(headers) if decode_header(h)['nonfinite']]

@@ -9,7 +9,6 @@ collective each (:mod:`multinode_bn.communication`).
 """
 
 import functools
-import itertools
 import os
 import warnings
 
@@ -223,9 +222,6 @@ def _update_running(running_mean, running_var, mean, var, count, decay,
         running_var.dtype).reshape(shape)
 
 
-_created = itertools.count(1)
-
-
 class MultiNodeBNImplSelector(object):
     """The ``impl_selector`` handed to Chainer's ``BatchNormalization``.
 
@@ -252,8 +248,10 @@ class MultiNodeBNImplSelector(object):
         self.exchange = communication.create_exchange(comm, backend_name)
         #: How reports and the exchange identity name this link: its path
         #: after :func:`~multinode_bn.create_mnbn_model`, otherwise its
-        #: creation order in the process.
-        self.label = 'MultiNodeBatchNormalization #{}'.format(next(_created))
+        #: creation order among the links on its communicator.
+        number = communication.link_number(comm)
+        self.label = 'MultiNodeBatchNormalization' + (
+            '' if number is None else ' #{}'.format(number))
         self.calls = 0
         #: What the owning link adds to the configuration that every
         #: process must share (``use_gamma``, ``use_beta``, ``finetune``).
@@ -261,7 +259,6 @@ class MultiNodeBNImplSelector(object):
         # Until one header exchange has passed, processes may not even agree
         # on the size of the statistics buffer.
         self._agreed = False
-        self._impl = MultiNodeBNImpl(self.exchange, self)
         self._described = {}
         self._current = None
         self._statistics = {}
@@ -274,7 +271,10 @@ class MultiNodeBNImplSelector(object):
         self._shift = None
 
     def __call__(self, batch_norm_func, inputs):
-        return self._impl
+        # A new implementation object per call, held by Chainer's node: the
+        # selector holds no reference back, so a dropped link frees its
+        # communicator at once rather than at a cyclic collection.
+        return MultiNodeBNImpl(self.exchange, self)
 
     def describe(self, kind='forward', call=None):
         """What an exchange is, for stall and error reports."""
@@ -446,7 +446,10 @@ class MultiNodeBNImplSelector(object):
         """
         xp = backend.get_array_module(moments)
         shift = self._shift
-        if shift is None or shift.shape[0] != moments.shape[0]:
+        if (shift is None or shift.shape[0] != moments.shape[0]
+                or backend.get_device_from_array(shift)
+                != backend.get_device_from_array(moments)):
+            # First call, or the link moved to another device.
             shift = xp.zeros(moments.shape[0], statistics.MOMENTS_DTYPE)
         sums = self.exchange_sums(
             'forward', statistics.moments_to_shifted_sums(xp, moments, shift),
