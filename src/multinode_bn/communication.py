@@ -125,13 +125,7 @@ class StallPolicy(object):
         if action not in ACTIONS:
             raise ValueError("action must be 'report' or 'raise'; got "
                              '{!r}'.format(action))
-        if timeout:
-            timeout = float(timeout)
-            if not (math.isfinite(timeout) and timeout > 0):
-                raise ValueError('timeout must be a positive number of '
-                                 'seconds, or None or 0 to disable the '
-                                 'report; got {!r}'.format(timeout))
-        self.timeout = timeout or None
+        self.timeout = _checked_timeout(timeout)
         self.action = action
         self.stream = stream
 
@@ -147,19 +141,14 @@ class StallPolicy(object):
         and replaced by the default: importing the package never fails
         because of the environment."""
         raw = environ.get('MULTINODE_BN_STALL_TIMEOUT', '60').strip().lower()
-        timeout = 60.0
-        if raw in ('0', 'off', 'none', 'no'):
-            timeout = None
-        else:
-            try:
-                timeout = float(raw)
-                if not (math.isfinite(timeout) and timeout > 0):
-                    raise ValueError(raw)
-            except ValueError:
-                _bad_environment('MULTINODE_BN_STALL_TIMEOUT', raw,
-                                 'a positive number of seconds, or 0 or off',
-                                 '60')
-                timeout = 60.0
+        try:
+            timeout = _checked_timeout(
+                None if raw in ('0', 'off', 'none', 'no') else raw)
+        except ValueError:
+            _bad_environment('MULTINODE_BN_STALL_TIMEOUT', raw,
+                             'a positive number of seconds, or 0 or off',
+                             '60')
+            timeout = 60.0
         action = environ.get('MULTINODE_BN_STALL_ACTION',
                              'report').strip().lower()
         if action not in ACTIONS:
@@ -170,6 +159,24 @@ class StallPolicy(object):
 
 
 ACTIONS = ('report', 'raise')
+
+
+def _checked_timeout(timeout):
+    """A stall timeout as seconds, or ``None`` (``None`` or 0: no report);
+    ValueError for anything but a finite positive number."""
+    if timeout is None:
+        return None
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        seconds = float('nan')
+    if seconds == 0:
+        return None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError('timeout must be a positive number of seconds, or '
+                         'None or 0 to disable the report; got {!r}'.format(
+                             timeout))
+    return seconds
 
 
 def _bad_environment(name, value, accepted, default):

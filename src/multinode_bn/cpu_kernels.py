@@ -40,7 +40,8 @@ try:
 except ImportError:  # pragma: no cover - built without a C compiler
     _native = None
 
-_SERVED = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+#: The dtypes the loops serve, computed in their own dtype.
+SERVED_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 
 def available():
@@ -51,7 +52,7 @@ def available():
 def serves(x, dtype):
     """Whether the loops serve NumPy input ``x`` computed in ``dtype``."""
     return (_native is not None and type(x) is numpy.ndarray
-            and x.dtype in _SERVED and x.dtype == dtype)
+            and x.dtype in SERVED_DTYPES and x.dtype == dtype)
 
 
 def _ready(a, dtype):

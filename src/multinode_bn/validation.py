@@ -122,8 +122,6 @@ def encode_header(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
     """Packs one process's input description into ``HEADER_LEN`` int64,
     with ``text`` (what the exchange is; cut to 256 bytes)."""
     h = numpy.zeros(HEADER_LEN, dtype=numpy.int64)
-    raw = text.encode('utf-8')[:8 * (HEADER_TEXT.stop - HEADER_TEXT.start)]
-    h[HEADER_TEXT].view(numpy.uint8)[:len(raw)] = numpy.frombuffer(raw, numpy.uint8)
     h[0] = _MAGIC
     h[1] = len(x_shape)
     h[2:2 + min(len(x_shape), _MAX_DIMS)] = x_shape[:_MAX_DIMS]
@@ -135,8 +133,19 @@ def encode_header(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
     h[21] = _code(numpy.dtype(param_dtype).name, _DTYPES)
     h[22] = _code(backend, _BACKENDS)
     h[23] = _code(device, _DEVICES)
+    return for_exchange(h, problem, nonfinite, text)
+
+
+def for_exchange(header, problem=OK, nonfinite=False, text=''):
+    """A copy of ``header`` with this exchange's problem, non-finite flag
+    and ``text`` (what the exchange is; cut to 256 bytes)."""
+    h = header.copy()
     h[24] = problem
     h[25] = int(bool(nonfinite))
+    raw = text.encode('utf-8')[:8 * (HEADER_TEXT.stop - HEADER_TEXT.start)]
+    h[HEADER_TEXT] = 0
+    h[HEADER_TEXT].view(numpy.uint8)[:len(raw)] = numpy.frombuffer(
+        raw, numpy.uint8)
     return h
 
 

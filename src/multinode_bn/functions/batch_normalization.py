@@ -71,7 +71,7 @@ def choose_statistics(x, dtype):
     :class:`~multinode_bn.statistics.ReferenceStatistics` otherwise (CuPy,
     float16, mixed precision). Chosen once per input signature.
     """
-    if type(x) is numpy.ndarray and dtype in _LOOP_DTYPES:
+    if type(x) is numpy.ndarray and dtype in cpu_kernels.SERVED_DTYPES:
         if not cpu_kernels.available():
             if not _warned_without_loops:
                 _warned_without_loops.append(True)
@@ -85,9 +85,6 @@ def choose_statistics(x, dtype):
             return cpu_kernels.CpuStatistics(dtype)
     return statistics.ReferenceStatistics(backend.get_array_module(x),
                                           dtype)
-
-
-_LOOP_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 
 def _cpu_kernels_enabled():
@@ -368,15 +365,11 @@ class MultiNodeBNImplSelector(object):
 
     def _check_headers(self, kind, current, nonfinite=False):
         call = current.call
-        header = current.described.header.copy()
-        header[24] = current.problem
-        header[25] = int(bool(nonfinite))
         text = '{} call {} {} exchange, eps {} decay {} {}'.format(
             self.label, call, kind, current.config[0], current.config[1],
             ' '.join(map(str, current.config[2:])))
-        header[validation.HEADER_TEXT] = validation.encode_header(
-            (), numpy.float64, (), numpy.float64, (), 'mpi', 'cpu',
-            text=text)[validation.HEADER_TEXT]
+        header = validation.for_exchange(current.described.header,
+                                         current.problem, nonfinite, text)
         headers = self.exchange.allgather_header(
             header, lambda: self.describe(kind, call))
         validation.check_headers(headers, self.exchange.rank, self.label)
