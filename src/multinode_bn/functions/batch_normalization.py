@@ -577,6 +577,7 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
 
     def forward(self, inputs):
         self.retain_inputs((0, 1, 2))
+        self.retain_outputs((1, 2))
         x, gamma, gy = inputs
         x_layout = self.input_layouts[0]
         self.output_layouts = (x_layout, None, None)
@@ -592,24 +593,94 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         return gx, ggamma, gbeta
 
     def backward(self, indexes, grad_outputs):
+        """The second-order gradients in closed form, from this node's own
+        inputs and outputs; one collective.
+
+        Chainer's ``BatchNormalizationGrad.backward`` for one process, with
+        every reduction over the global batch. With ``M`` the global count,
+        ``s`` the inverse standard deviation, ``x_hat = (x - mean) s``,
+        ``g_gamma = sum(gy x_hat)`` and ``g_beta = sum(gy)`` (global sums;
+        this node outputs them divided by the number of processes ``P``) and
+        ``a`` the upstream gradient of ``gx``:
+
+        * the total upstream gradients of ``g_gamma`` and ``g_beta`` are
+          ``u = sum_p(upstream_p) / P - gamma s / M * sum(a x_hat)`` and
+          ``v = sum_p(upstream_p) / P - gamma s / M * sum(a)``;
+        * ``d x_hat = u gy - gamma s g_gamma / M * a``, whose global sums
+          follow from the sums above (``sum(gy x_hat) = g_gamma``);
+        * ``gx2 = s d x_hat + (d mean + x_hat d std) / M`` with ``d mean =
+          -s sum(d x_hat)`` and ``d std = -s (r + sum(x_hat d x_hat))``,
+          ``r = gamma s sum(a (gy - (x_hat g_gamma + g_beta) / M))``;
+        * ``ggy2 = u x_hat + v + gamma s a`` and ``ggamma2 = r / gamma / P``
+          (written without the division).
+
+        The statistics enter as constants, as in Chainer: the result is
+        exact to second order.
+        """
+        F = chainer.functions
         x, gamma, gy = self.get_retained_inputs()
-        global_sum = functools.partial(
-            _global_sum, selector=self._impl.selector,
-            current=self.forward_data.call)
-        with chainer.using_config('enable_backprop', True):
-            outputs = differentiable_gradients(
-                x, gamma, gy, self.axis, self.eps,
-                float(self.forward_data.count), self._impl.exchange.size,
-                global_sum)
-            # Zeros instead of missing gradients: every process must walk
-            # the same graph, or their collectives would not pair up.
-            xp = backend.get_array_module(x)
-            grad_outputs = [
-                chainer.Variable(xp.zeros(o.shape, o.dtype)) if g is None
-                else g for o, g in zip(outputs, grad_outputs)]
-            grads = chainer.grad(list(outputs), [x, gamma, gy],
-                                 grad_outputs=grad_outputs,
-                                 enable_double_backprop=True)
+        ggamma1, gbeta1 = self.get_retained_outputs()
+        ggx1, gggamma1, ggbeta1 = grad_outputs
+        xp = backend.get_array_module(x)
+        data = self.forward_data
+        size = self._impl.exchange.size
+        dtype = numpy.promote_types(
+            numpy.promote_types(x.dtype, gamma.dtype), numpy.float32)
+
+        def cast(v):
+            return v if v.dtype == dtype else F.cast(v, dtype)
+
+        def zero_if_none(v, like):
+            return chainer.Variable(xp.zeros(like.shape, dtype)) \
+                if v is None else cast(v)
+
+        exp = self.expander
+        axis = self.axis
+        inv_m = dtype.type(1.0 / max(float(data.count), 1.0))
+        inv_p = dtype.type(1.0 / size)
+        s = data.inv_std.astype(dtype).reshape(gamma.shape)
+        mean = data.mean.astype(dtype).reshape(gamma.shape)
+        gamma_c, gy_c = cast(gamma), cast(gy)
+        g_gamma = cast(ggamma1) * dtype.type(size)
+        g_beta = cast(gbeta1) * dtype.type(size)
+        a = zero_if_none(ggx1, x)
+        x_hat = (cast(x) - xp.broadcast_to(mean[exp], x.shape)) * \
+            xp.broadcast_to(s[exp], x.shape)
+
+        # Every process is here (the node's outputs need every process):
+        # zeros stand in for missing gradients so that all exchange alike.
+        local = F.stack([
+            F.sum(a * x_hat, axis=axis), F.sum(a, axis=axis),
+            F.sum(a * gy_c, axis=axis),
+            zero_if_none(gggamma1, gamma), zero_if_none(ggbeta1, gamma)])
+        sums = AllreduceSum(self._impl.selector, data.call).apply((local,))[0]
+        sum_a_xhat, sum_a, sum_a_gy, up_gamma, up_beta = F.separate(sums, 0)
+
+        coeff = gamma_c * s
+        coeff_m = coeff * inv_m
+        u = up_gamma * inv_p - coeff_m * sum_a_xhat
+        v = up_beta * inv_p - coeff_m * sum_a
+        r_over_gamma = s * (sum_a_gy - (g_gamma * sum_a_xhat
+                                        + g_beta * sum_a) * inv_m)
+        r = gamma_c * r_over_gamma
+        c2 = coeff_m * g_gamma
+        d_xhat = F.broadcast_to(u[exp], x.shape) * gy_c - \
+            F.broadcast_to(c2[exp], x.shape) * a
+        sum_d_xhat_xhat = u * g_gamma - c2 * sum_a_xhat
+        sum_d_xhat = u * g_beta - c2 * sum_a
+        d_std = -s * (r + sum_d_xhat_xhat)
+        d_mean = -s * sum_d_xhat
+        gx2 = F.broadcast_to(s[exp], x.shape) * d_xhat + inv_m * (
+            F.broadcast_to(d_mean[exp], x.shape)
+            + x_hat * F.broadcast_to(d_std[exp], x.shape))
+        ggy2 = (F.broadcast_to(u[exp], x.shape) * x_hat
+                + F.broadcast_to((v)[exp], x.shape)
+                + F.broadcast_to(coeff[exp], x.shape) * a)
+        ggamma2 = r_over_gamma * inv_p
+        grads = (F.cast(gx2, x.dtype) if gx2.dtype != x.dtype else gx2,
+                 F.cast(ggamma2, gamma.dtype)
+                 if ggamma2.dtype != gamma.dtype else ggamma2,
+                 F.cast(ggy2, gy.dtype) if ggy2.dtype != gy.dtype else ggy2)
         return tuple(grads[i] for i in indexes)
 
 
@@ -626,60 +697,21 @@ class AllreduceSum(function_node.FunctionNode):
 
     def forward(self, inputs):
         a, = inputs
-        kind = 'double backward #{}'.format(self.selector.next_sequence())
-        summed = self.selector.exchange_sums(
-            kind, a.astype(statistics.MOMENTS_DTYPE), self.current)
-        return backend.get_array_module(a).asarray(summed, dtype=a.dtype),
+        xp = backend.get_array_module(a)
+        flat = a.astype(statistics.MOMENTS_DTYPE).ravel()
+        # Every exchange of a link has the link's width: a longer buffer
+        # goes in pieces, each an exchange of its own.
+        piece = self.selector.exchange.width - validation.INBAND_LEN
+        parts = []
+        for start in range(0, flat.size, piece):
+            kind = 'double backward #{}'.format(self.selector.next_sequence())
+            parts.append(self.selector.exchange_sums(
+                kind, flat[start:start + piece], self.current))
+        summed = xp.concatenate(parts) if len(parts) > 1 else parts[0]
+        return summed.reshape(a.shape).astype(a.dtype, copy=False),
 
     def backward(self, indexes, grad_outputs):
         return AllreduceSum(self.selector, self.current).apply(grad_outputs)
-
-
-def _global_sum(v, axis, selector, current):
-    """The sum of ``v`` over ``axis`` and over the processes of
-    ``selector``'s link."""
-    local = chainer.functions.sum(v, axis)
-    return AllreduceSum(selector, current).apply((local,))[0]
-
-
-def differentiable_gradients(x, gamma, gy, axis, eps, count, size,
-                             global_sum):
-    """``(gx, ggamma, gbeta)`` of synchronized BN as differentiable Variables.
-
-    Used for the second-order backward only; the first-order path computes
-    the same values with fused arrays and one collective. ``count`` is the
-    global batch's, ``size`` the number of processes, and ``global_sum(v,
-    axis)`` sums over ``axis`` and over the processes.
-    """
-    F = chainer.functions
-    dtype = numpy.promote_types(x.dtype, gamma.dtype)
-    x = F.cast(x, dtype) if x.dtype != dtype else x
-    gy_c = F.cast(gy, dtype) if gy.dtype != dtype else gy
-    gamma_c = F.cast(gamma, dtype) if gamma.dtype != dtype else gamma
-    inv_count = dtype.type(1.0 / max(count, 1.0))
-    expander = tuple(slice(None) if i not in axis else None
-                     for i in range(x.ndim))
-
-    def bcast(v):
-        return F.broadcast_to(v[expander], x.shape)
-
-    mean = global_sum(x, axis) * inv_count
-    centred = x - bcast(mean)
-    var = global_sum(centred * centred, axis) * inv_count
-    inv_std = (var + dtype.type(eps)) ** dtype.type(-0.5)
-    x_hat = centred * bcast(inv_std)
-    gbeta_sum = global_sum(gy_c, axis)
-    ggamma_sum = global_sum(gy_c * x_hat, axis)
-    gx = bcast(gamma_c * inv_std) * (
-        gy_c - (x_hat * bcast(ggamma_sum) + bcast(gbeta_sum)) * inv_count)
-    inv_size = dtype.type(1.0 / size)
-    ggamma = ggamma_sum * inv_size
-    gbeta = gbeta_sum * inv_size
-    gx = F.cast(gx, gy.dtype) if gx.dtype != gy.dtype else gx
-    if ggamma.dtype != gamma.dtype:
-        ggamma = F.cast(ggamma, gamma.dtype)
-        gbeta = F.cast(gbeta, gamma.dtype)
-    return gx, ggamma, gbeta
 
 
 def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
