@@ -319,3 +319,39 @@ def test_a_dropped_link_releases_its_communicator_at_once():
     del link
     # No reference cycle keeps it until a garbage collection.
     assert exchange() is None
+
+
+@parallel
+def test_links_never_called_do_not_change_the_identity_of_others():
+    # A model built on rank 0 alone (a preview, an export), never called:
+    # links are numbered in the order of their first synchronized call.
+    comm = MPI.COMM_WORLD
+    if comm.rank == 0:
+        spare = [multinode_bn.MultiNodeBatchNormalization(3, comm)
+                 for _ in range(2)]
+        assert spare[0].label == 'MultiNodeBatchNormalization'
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    xs = [_x(r) for r in range(comm.size)]
+    gys = [numpy.ones_like(v) for v in xs]
+    ours = run_link(link, xs[comm.rank], gys[comm.rank])
+    assert_matches_reference(ours, reference(xs, gys, 3), 4 * comm.rank, 4,
+                             comm.size, 2e-4, 2e-4)
+    first = comm.allgather(link.label)
+    assert len(set(first)) == 1, first
+
+
+@parallel
+def test_named_links_swapped_on_their_first_call_raise_on_every_process():
+    # Default labels carry the link's name in its parent, so two children
+    # of one chain called in another order are told apart on the first
+    # call, though both are the first synchronized call on each process.
+    comm = MPI.COMM_WORLD
+    net = chainer.Chain()
+    with net.init_scope():
+        net.bn_a = multinode_bn.MultiNodeBatchNormalization(3, comm)
+        net.bn_b = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    first = net.bn_b if comm.rank == 1 else net.bn_a
+    mine, everyone = _outcome(lambda: first(_x(comm.rank)))
+    assert set(everyone) == {'InconsistentInputError'}, everyone
+    assert "'bn_a' #" in mine and "'bn_b' #" in mine, mine
+    assert 'call 1 input check' in mine, mine

@@ -537,10 +537,10 @@ _link_numbers = {}
 
 
 def link_number(comm):
-    """The next creation number of a synchronized link on ``comm`` (the
-    same on every process that creates its links on ``comm`` in the same
-    order), or ``None`` for a one-process communicator, which never
-    exchanges."""
+    """The next number of a synchronized link's first call on ``comm``
+    (the same on every process that makes its links' first calls on
+    ``comm`` in the same order), or ``None`` for a one-process
+    communicator, which never exchanges."""
     mpi_comm = mpi_comm_of(comm)
     if mpi_comm.Get_size() == 1:
         return None

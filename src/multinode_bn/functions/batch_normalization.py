@@ -243,12 +243,14 @@ class MultiNodeBNImplSelector(object):
         self.comm = comm
         self.communication_backend_name = backend_name
         self.exchange = communication.create_exchange(comm, backend_name)
-        #: How reports and the exchange identity name this link: its path
-        #: after :func:`~multinode_bn.create_mnbn_model`, otherwise its
-        #: creation order among the links on its communicator.
-        number = communication.link_number(comm)
-        self.label = 'MultiNodeBatchNormalization' + (
-            '' if number is None else ' #{}'.format(number))
+        #: The owning link's name in its parent (``link.name``), if any.
+        self.link_name = None
+        # An explicit label (the link's path after create_mnbn_model).
+        self._label = None
+        # The order of this link's first synchronized call among the links
+        # on its communicator: links never called, or called on some
+        # processes only in evaluation mode, take no number.
+        self._number = None
         self.calls = 0
         #: What the owning link adds to the configuration that every
         #: process must share (``use_gamma``, ``use_beta``, ``finetune``).
@@ -266,6 +268,24 @@ class MultiNodeBNImplSelector(object):
         # previous global mean of this link), near the mean of the next
         # batch; zero before the first exchange.
         self._shift = None
+
+    @property
+    def label(self):
+        """How reports and the exchange identity name this link: its path
+        after :func:`~multinode_bn.create_mnbn_model` (or any label set),
+        otherwise its name in its parent; with the order of its first
+        synchronized call on its communicator."""
+        if self._label is not None:
+            return self._label
+        label = 'MultiNodeBatchNormalization' + (
+            '' if self.link_name is None else " '{}'".format(self.link_name))
+        if self._number is not None:
+            label += ' #{}'.format(self._number)
+        return label
+
+    @label.setter
+    def label(self, value):
+        self._label = value
 
     def __call__(self, batch_norm_func, inputs):
         # A new implementation object per call, held by Chainer's node: the
@@ -318,6 +338,8 @@ class MultiNodeBNImplSelector(object):
         self._current = _Call(described, problem, self.calls, (
             _number(eps), _number(decay)) + tuple(self.link_config))
         if not self._agreed:
+            if self._number is None:
+                self._number = communication.link_number(self.comm)
             with self.exchange.guard(self.describe):
                 self._check_headers('input check', self._current)
             self.exchange.width = width
@@ -358,7 +380,7 @@ class MultiNodeBNImplSelector(object):
         that makes the same exchange."""
         if current.prefix is None:
             # What all exchanges of the call share, written once per call.
-            current.prefix = repr((self.label, current.call,
+            current.prefix = repr((self.label, self._number, current.call,
                                    self.exchange.width, current.config,
                                    current.described.signature))
         return kind, current.prefix

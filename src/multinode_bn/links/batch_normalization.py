@@ -177,6 +177,7 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
             decay = self.decay
         self._impl_selector.link_config = (
             self.gamma is not None, self.beta is not None, bool(finetune))
+        self._impl_selector.link_name = self.name
         y = _mnbn.multi_node_batch_normalization(
             x, gamma, beta, self._impl_selector, eps=self.eps,
             running_mean=avg_mean, running_var=avg_var, decay=decay,
