@@ -40,7 +40,8 @@ class stall_raises(object):
 
     def __exit__(self, *exc):
         p = self.previous
-        communication.set_stall_policy(p.timeout, p.action, p.stream)
+        communication.set_stall_policy(p.timeout, p.action, p.stream,
+                                       p.abort_after)
 
 
 def _outcome(step):

@@ -213,6 +213,45 @@ def test_stall_policy_from_environment():
         communication.StallPolicy(1, 'explode')
 
 
+def test_stall_policy_gives_up_after_half_an_hour_by_default():
+    env = communication.StallPolicy.from_environment
+    assert env({}).abort_after == 1800.0
+    assert communication.StallPolicy().abort_after == 1800.0
+    assert env({'MULTINODE_BN_STALL_ABORT': '7200'}).abort_after == 7200.0
+    assert env({'MULTINODE_BN_STALL_ABORT': 'off'}).abort_after is None
+    assert communication.StallPolicy(abort_after=0).abort_after is None
+    with pytest.warns(RuntimeWarning, match='MULTINODE_BN_STALL_ABORT'):
+        assert env({'MULTINODE_BN_STALL_ABORT': '-3'}).abort_after == 1800.0
+    with pytest.raises(ValueError, match='abort_after'):
+        communication.StallPolicy(abort_after=float('nan'))
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_a_rank_that_skips_a_call_ends_the_others_after_the_limit():
+    # The default action reports at the first limit and keeps waiting; at
+    # the second the waiting processes raise, which ends the job under
+    # `python -m mpi4py` instead of holding the nodes for ever.
+    comm = MPI.COMM_WORLD.Dup()  # left with a pending exchange: not reused
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    x = numpy.ones((2, 3), numpy.float32)
+    link(x)
+    stream = io.StringIO()
+    previous = communication.set_stall_policy(0.3, 'report', stream,
+                                              abort_after=1.5)
+    try:
+        if comm.rank != 1:  # rank 1 skips the call
+            start = time.monotonic()
+            with pytest.raises(communication.StallError, match='Giving up'):
+                link(x)
+            assert 1.5 < time.monotonic() - start < 10
+            lines = stream.getvalue().splitlines()
+            assert len(lines) == 2 and 'call 2' in lines[0], lines
+            assert 'MULTINODE_BN_STALL_ABORT' in lines[1], lines
+    finally:
+        communication.set_stall_policy(previous.timeout, previous.action,
+                                       previous.stream, previous.abort_after)
+
+
 def test_header_round_trip_and_local_problems():
     h = validation.encode_header((2, 3, 4, 5), numpy.float32, (3,),
                                  numpy.float32, (0, 2, 3), 'mpi', 'cpu')

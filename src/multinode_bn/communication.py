@@ -110,59 +110,82 @@ def create_exchange(comm, backend):
 
 
 class StallPolicy(object):
-    """How long a process waits in an exchange before it says so.
+    """How long a process waits in an exchange before it says so, and
+    before it gives up.
 
     Args:
         timeout (float or None): Seconds before a waiting process prints one
             line naming the link, its call count and what it sent. ``None``
             or ``0`` disables the report.
-        action (str): ``'report'`` (print, then keep waiting) or ``'raise'``
-            (print, then raise :class:`StallError`).
+        action (str): What happens at ``timeout``: ``'report'`` (print, then
+            keep waiting until ``abort_after``) or ``'raise'`` (print, then
+            raise :class:`StallError` at once).
         stream: Where the line goes (default ``sys.stderr``).
+        abort_after (float or None): Seconds after which a process still
+            waiting raises :class:`StallError` whatever ``action`` says,
+            which ends the job under ``python -m mpi4py``. ``None`` or ``0``
+            waits for ever. Default: :data:`DEFAULT_ABORT_AFTER`.
     """
 
-    def __init__(self, timeout=60.0, action='report', stream=None):
+    def __init__(self, timeout=60.0, action='report', stream=None,
+                 abort_after=None):
         if action not in ACTIONS:
             raise ValueError("action must be 'report' or 'raise'; got "
                              '{!r}'.format(action))
         self.timeout = _checked_timeout(timeout)
         self.action = action
         self.stream = stream
+        self.abort_after = _checked_timeout(
+            DEFAULT_ABORT_AFTER if abort_after is None else abort_after,
+            'abort_after')
 
     def __repr__(self):
-        return 'StallPolicy(timeout={!r}, action={!r}, stream={!r})'.format(
-            self.timeout, self.action, self.stream)
+        return ('StallPolicy(timeout={!r}, action={!r}, stream={!r}, '
+                'abort_after={!r})'.format(self.timeout, self.action,
+                                           self.stream, self.abort_after))
 
     @classmethod
     def from_environment(cls, environ=os.environ):
         """From ``MULTINODE_BN_STALL_TIMEOUT`` (seconds, ``0`` or ``off``
-        to disable; default 60) and ``MULTINODE_BN_STALL_ACTION``
-        (``report`` or ``raise``). An invalid value is named in a warning
-        and replaced by the default: importing the package never fails
-        because of the environment."""
-        raw = environ.get('MULTINODE_BN_STALL_TIMEOUT', '60').strip().lower()
-        try:
-            timeout = _checked_timeout(
-                None if raw in ('0', 'off', 'none', 'no') else raw)
-        except ValueError:
-            _bad_environment('MULTINODE_BN_STALL_TIMEOUT', raw,
-                             'a positive number of seconds, or 0 or off',
-                             '60')
-            timeout = 60.0
+        to disable; default 60), ``MULTINODE_BN_STALL_ACTION`` (``report``
+        or ``raise``) and ``MULTINODE_BN_STALL_ABORT`` (seconds, ``0`` or
+        ``off`` to wait for ever; default 1800). An invalid value is named
+        in a warning and replaced by the default: importing the package
+        never fails because of the environment."""
+        def seconds(name, default):
+            raw = environ.get(name, str(default)).strip().lower()
+            try:
+                return _checked_timeout(
+                    0 if raw in ('0', 'off', 'none', 'no') else raw)
+            except ValueError:
+                _bad_environment(name, raw, 'a positive number of seconds, '
+                                 'or 0 or off', str(default))
+                return float(default)
+
+        timeout = seconds('MULTINODE_BN_STALL_TIMEOUT', 60)
+        abort_after = seconds('MULTINODE_BN_STALL_ABORT',
+                              int(DEFAULT_ABORT_AFTER))
         action = environ.get('MULTINODE_BN_STALL_ACTION',
                              'report').strip().lower()
         if action not in ACTIONS:
             _bad_environment('MULTINODE_BN_STALL_ACTION', action,
                              'report or raise', 'report')
             action = 'report'
-        return cls(timeout, action)
+        return cls(timeout, action, abort_after=abort_after or 0)
 
 
+#: Seconds after which a stalled exchange raises by default: 30 minutes,
+#: the longer of the two defaults of PyTorch's NCCL watchdog across its
+#: releases. A stuck job holds its nodes for at most half an hour, while a
+#: legitimate wait (one process evaluating or writing a checkpoint while
+#: the others wait in their next exchange) rarely takes that long; longer
+#: ones set it (MULTINODE_BN_STALL_ABORT or set_stall_policy).
+DEFAULT_ABORT_AFTER = 1800.0
 ACTIONS = ('report', 'raise')
 
 
-def _checked_timeout(timeout):
-    """A stall timeout as seconds, or ``None`` (``None`` or 0: no report);
+def _checked_timeout(timeout, name='timeout'):
+    """A stall limit as seconds, or ``None`` (``None`` or 0: none);
     ValueError for anything but a finite positive number."""
     if timeout is None:
         return None
@@ -173,9 +196,9 @@ def _checked_timeout(timeout):
     if seconds == 0:
         return None
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError('timeout must be a positive number of seconds, or '
-                         'None or 0 to disable the report; got {!r}'.format(
-                             timeout))
+        raise ValueError('{} must be a positive number of seconds, or '
+                         'None or 0 to disable it; got {!r}'.format(
+                             name, timeout))
     return seconds
 
 
@@ -196,19 +219,25 @@ class StallError(RuntimeError):
 _stall_policy = [StallPolicy.from_environment()]
 
 
-def set_stall_policy(timeout=60.0, action='report', stream=None):
-    """Sets how long exchanges wait before reporting a stall.
+def set_stall_policy(timeout=60.0, action='report', stream=None,
+                     abort_after=None):
+    """Sets how long exchanges wait before reporting a stall, and before
+    raising :class:`StallError`.
 
     Args:
-        timeout (float or None): Seconds; ``None`` or ``0`` disables.
-        action (str): ``'report'`` or ``'raise'``.
+        timeout (float or None): Seconds before the report; ``None`` or
+            ``0`` disables it.
+        action (str): ``'report'`` or ``'raise'`` (at ``timeout``).
         stream: Where the report goes (default ``sys.stderr``).
+        abort_after (float or None): Seconds before a waiting process
+            raises whatever ``action`` says; ``0`` waits for ever; ``None``:
+            :data:`DEFAULT_ABORT_AFTER`.
 
     Returns:
         StallPolicy: The previous policy, to restore it later.
     """
     previous = _stall_policy[0]
-    _stall_policy[0] = StallPolicy(timeout, action, stream)
+    _stall_policy[0] = StallPolicy(timeout, action, stream, abort_after)
     return previous
 
 
@@ -236,8 +265,10 @@ def wait(request, rank, describe, policy=None):
             time.sleep(0.0002)
         else:
             time.sleep(0)
-        if (policy.timeout and not reported
-                and now - start > policy.timeout):
+        waited = now - start
+        abort = policy.abort_after and waited > policy.abort_after
+        if policy.timeout and not reported and waited > policy.timeout \
+                or abort:
             reported = True
             line = ('multinode_bn: rank {} has waited {:.0f} s in {}; the '
                     'other processes have not joined. Likely causes, in '
@@ -247,10 +278,15 @@ def wait(request, rank, describe, policy=None):
                     'flow (links called on some processes only, in another '
                     'order, or a skipped backward); links built on '
                     'different communicators.'.format(
-                        rank, now - start, describe()))
-            print(line, file=policy.stream or sys.stderr, flush=True)
-            if policy.action == 'raise':
+                        rank, waited, describe()))
+            if abort or policy.action == 'raise':
+                line += (' Giving up (StallError) after {:.0f} s; a longer '
+                         'wait is allowed by MULTINODE_BN_STALL_ABORT or '
+                         'set_stall_policy(abort_after=...).'.format(
+                             waited) if abort else '')
+                print(line, file=policy.stream or sys.stderr, flush=True)
                 raise StallError(line)
+            print(line, file=policy.stream or sys.stderr, flush=True)
 
 
 class _StatsExchange(object):
