@@ -45,6 +45,7 @@ whatever their means.
 """
 
 import functools
+import importlib
 
 import numpy
 
@@ -232,6 +233,11 @@ class ReferenceStatistics(object):
         self.xp = xp
         self.dtype = compute_dtype(dtype)
 
+    def __reduce__(self):
+        # A module cannot be copied or pickled: a link that caches this
+        # backend is copied (copy.deepcopy, Link.copy) by its module's name.
+        return _reference_statistics, (self.xp.__name__, self.dtype)
+
     def _sums(self, u, v):
         """Per-channel float64 ``sum u`` and ``sum u * v`` of ``(A, C, B)``."""
         return (u.sum(axis=(0, 2), dtype=MOMENTS_DTYPE),
@@ -304,3 +310,7 @@ def _prod(values):
     for v in values:
         result *= int(v)
     return result
+
+
+def _reference_statistics(module_name, dtype):
+    return ReferenceStatistics(importlib.import_module(module_name), dtype)
