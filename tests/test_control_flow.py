@@ -3,6 +3,7 @@ backward, links in another order, a skipped or extra call, another
 configuration, two threads) raise on every process or report a stall that
 names the link; nothing is silently mixed."""
 
+import copy
 import io
 import os
 import subprocess
@@ -238,23 +239,48 @@ def test_functional_running_var_of_wrong_shape_raises_everywhere_first():
                 running_var=numpy.ones(3, numpy.float32))
 
 
-@pytest.mark.parallel(nprocs=[2])
-def test_two_threads_in_one_link_get_a_clear_error():
+def _in_thread(call):
+    """``call()``'s exception in a thread of its own (``None`` if none)."""
+    caught = []
+
+    def run():
+        try:
+            call()
+        except Exception as e:
+            caught.append(e)
+    thread = threading.Thread(target=run, name='second')
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), 'the second thread hangs'
+    return caught[0] if caught else None
+
+
+@parallel
+def test_threads_taking_turns_on_one_link_raise_before_any_exchange():
+    # Threads that never overlap still pair their exchanges in whatever
+    # order they come: any call from a thread other than the one of the
+    # link's first call raises at once, on that process, with no exchange.
     comm = MPI.COMM_WORLD
-    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
-    x = _x(comm.rank)
-    link(x)
-    if comm.rank == 0:
-        inside = threading.Thread(target=lambda: link(x))
-        inside.start()
-        time.sleep(0.5)  # the first thread waits in the exchange
-        with pytest.raises(RuntimeError, match='second thread'):
-            link(x)
-        comm.barrier()
-        inside.join()
-    else:
-        comm.barrier()
-        link(x)  # completes rank 0's first thread's exchange
+    for attempt in range(20):
+        link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+        x = _x(comm.rank, seed=attempt)
+        xs = [_x(r, seed=attempt) for r in range(comm.size)]
+        gys = [numpy.ones_like(v) for v in xs]
+        run_link(link, x, gys[comm.rank])  # the owning thread
+        calls = link._impl_selector.calls
+        error = _in_thread(lambda: link(x))
+        assert isinstance(error, RuntimeError), error
+        assert "thread 'second'" in str(error), error
+        assert 'MainThread' in str(error), error
+        assert link._impl_selector.calls == calls  # nothing counted
+        # A copy shares the communicator, and so the thread.
+        assert isinstance(_in_thread(lambda: copy.deepcopy(link)(x)),
+                          RuntimeError)
+        # The owner goes on, exact and in step with the other processes.
+        ours = run_link(link, x, gys[comm.rank])
+        ref = reference(xs, gys, 3, steps=2)
+        assert_matches_reference(ours, ref, 4 * comm.rank, 4, comm.size,
+                                 2e-4, 2e-4)
 
 
 def test_environment_variables_are_validated_and_never_break_the_import():

@@ -291,7 +291,7 @@ def wait(request, rank, describe, policy=None):
 
 class _StatsExchange(object):
     """What both exchanges share: the link's own communicator, the host
-    collectives, the stall and thread guards.
+    collectives, the stall and thread checks.
 
     Each exchange (one per link) works on its own duplicate of the
     communicator, made at its first exchange: exchanges of different links
@@ -316,7 +316,10 @@ class _StatsExchange(object):
         #: What stalled, once an exchange raised :class:`StallError`.
         self.stalled = None
         self._own = None
-        self._busy = threading.Lock()
+        # The thread of the first call (ident, name): a link and its copies
+        # share this exchange, and are used from that thread only.
+        self._owner = None
+        self._owner_lock = threading.Lock()
 
     def __deepcopy__(self, memo):
         # A communicator is a process-wide resource: copies share it.
@@ -360,22 +363,34 @@ class _StatsExchange(object):
     def mpi_comm(self, comm):
         self._own = comm
 
-    def guard(self, describe):
-        """Context of one exchange: refuses a link whose exchange stalled,
-        and a second thread while one is inside."""
+    def admit(self, describe):
+        """Raises unless the calling thread may exchange now: not after an
+        exchange of this link stalled, and only from the thread that made
+        the link's first call (exchanges of two threads would pair in
+        whatever order they reach the collective, mixing statistics
+        silently, whether they overlap in time or take turns)."""
         if self.stalled:
             raise StallError(
                 'multinode_bn: rank {}: {} cannot run: an earlier exchange of '
                 'this link stalled ({}) and is still in flight. End the job '
                 'and launch it again.'.format(self.rank, describe(),
                                               self.stalled))
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                'multinode_bn: rank {}: {} was entered by a second thread '
-                'while another thread is inside an exchange of the same '
-                'link: use a link (and its communicator) from one thread at '
-                'a time.'.format(self.rank, describe()))
-        return _Release(self._busy)
+        thread = threading.current_thread()
+        if self._owner is None or self._owner[0] != thread.ident:
+            with self._owner_lock:
+                if self._owner is None:
+                    self._owner = (thread.ident, thread.name)
+            if self._owner[0] != thread.ident:
+                raise RuntimeError(
+                    'multinode_bn: rank {}: {} was called from thread {!r}, '
+                    'but the link made its first call from thread {!r}. A '
+                    'synchronized link (and its copies, which share its '
+                    'communicator) is used from one thread: the exchanges '
+                    'of two threads would pair across processes in whatever '
+                    'order they come. Give each thread a link of its own, '
+                    'on a communicator of its own.'.format(
+                        self.rank, describe(), thread.name,
+                        self._owner[1]))
 
     def _width(self, n, buf):
         if self.width is None or n + buf.size > self.width:
@@ -536,17 +551,6 @@ def _like(reference, host):
 
 # Collectives whose exchange raised StallError, kept alive for good.
 _ABANDONED = []
-class _Release(object):
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
-
-
 def allgather_objects(comm, obj):
     """Every process's ``obj`` (picklable), in rank order: mpi4py's
     pickle-based ``allgather``, for the few exchanges of the population

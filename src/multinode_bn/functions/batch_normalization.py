@@ -312,9 +312,7 @@ class MultiNodeBNImplSelector(object):
         :class:`~multinode_bn.validation.InconsistentInputError` on all of
         them, before anything is computed or updated.
         """
-        if self.exchange.stalled:
-            with self.exchange.guard(self.describe):
-                pass  # raises: an earlier exchange is still in flight
+        self.exchange.admit(self.describe)
         self.calls += 1
         x_arr, g_arr, b_arr = (_array_of(v) for v in (x, gamma, beta))
         # The logical shape: a Variable in a memory layout (channels last)
@@ -340,8 +338,7 @@ class MultiNodeBNImplSelector(object):
         if not self._agreed:
             if self._number is None:
                 self._number = communication.link_number(self.comm)
-            with self.exchange.guard(self.describe):
-                self._check_headers('input check', self._current)
+            self._check_headers('input check', self._current)
             self.exchange.width = width
             self._agreed = True
         elif problem:
@@ -408,14 +405,14 @@ class MultiNodeBNImplSelector(object):
             validation.exchange_digest(self.identity(kind, current)),
             problem, nonfinite)
         describe = functools.partial(self.describe, kind, current.call)
-        with self.exchange.guard(describe):
-            if self.exchange.size == 1:
-                sums, summed = buf, header
-            else:
-                sums, summed = self.exchange.allreduce_sums(buf, header,
-                                                            describe)
-            if not validation.inband_agrees(summed):
-                self._disagreement(kind, current, nonfinite)
+        self.exchange.admit(describe)
+        if self.exchange.size == 1:
+            sums, summed = buf, header
+        else:
+            sums, summed = self.exchange.allreduce_sums(buf, header,
+                                                        describe)
+        if not validation.inband_agrees(summed):
+            self._disagreement(kind, current, nonfinite)
         return sums
 
     def _disagreement(self, kind, current, nonfinite):
