@@ -350,3 +350,37 @@ def test_lazy_link_conversion_keeps_pending_initial_statistics():
     with chainer.using_config('train', False):
         for link in (bn, synced, back):
             numpy.testing.assert_allclose(link(x).array, 1.0, rtol=1e-4)
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_processes_running_other_versions_raise_naming_the_versions(
+        monkeypatch):
+    # A stale install on one node: every process raises on the first
+    # exchange, with each rank's version, before anything is computed.
+    comm = MPI.COMM_WORLD
+    if comm.rank == 1:
+        monkeypatch.setattr(multinode_bn, '__version__', '0.0.1-stale')
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    try:
+        link(numpy.ones((2, 3), numpy.float32))
+        message = 'no error'
+    except multinode_bn.InconsistentInputError as e:
+        message = str(e)
+    everyone = comm.allgather(message)
+    for text in everyone:
+        assert 'different versions' in text, everyone
+        assert 'rank 0: multinode_bn {}'.format(
+            multinode_bn.__version__ if comm.rank != 1 else '0.1.0') in text
+        assert 'rank 1: multinode_bn 0.0.1-stale' in text, everyone
+
+
+def test_mismatch_reports_name_every_configuration_field():
+    from multinode_bn.validation import decode_header
+    link = multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_SELF)
+    link(numpy.ones((2, 3), numpy.float32))
+    selector = link._impl_selector
+    headers = selector._check_headers('input check', selector.current)
+    text = decode_header(headers[0])['text']
+    assert ('eps=2e-05 decay=0.9 use_gamma=True use_beta=True '
+            'finetune=False') in text, text
+    assert decode_header(headers[0])['version'] == multinode_bn.__version__

@@ -1,5 +1,9 @@
 """Synchronized batch normalization for Chainer across MPI processes."""
 
+#: The package's version; every process of a job must run the same one
+#: (the first exchange of each link checks it).
+__version__ = '0.1.0'
+
 from multinode_bn.communication import get_stall_policy  # NOQA
 from multinode_bn.communication import set_stall_policy  # NOQA
 from multinode_bn.communication import StallError  # NOQA

@@ -316,8 +316,9 @@ class _StatsExchange(object):
         #: What stalled, once an exchange raised :class:`StallError`.
         self.stalled = None
         self._own = None
-        # The thread of the first call (ident, name): a link and its copies
-        # share this exchange, and are used from that thread only.
+        # The thread of the first call: a link and its copies share this
+        # exchange, and are used from that thread only. The object, not its
+        # ident, which a later thread may reuse.
         self._owner = None
         self._owner_lock = threading.Lock()
 
@@ -376,11 +377,11 @@ class _StatsExchange(object):
                 'and launch it again.'.format(self.rank, describe(),
                                               self.stalled))
         thread = threading.current_thread()
-        if self._owner is None or self._owner[0] != thread.ident:
+        if self._owner is not thread:
             with self._owner_lock:
                 if self._owner is None:
-                    self._owner = (thread.ident, thread.name)
-            if self._owner[0] != thread.ident:
+                    self._owner = thread
+            if self._owner is not thread:
                 raise RuntimeError(
                     'multinode_bn: rank {}: {} was called from thread {!r}, '
                     'but the link made its first call from thread {!r}. A '
@@ -390,7 +391,7 @@ class _StatsExchange(object):
                     'order they come. Give each thread a link of its own, '
                     'on a communicator of its own.'.format(
                         self.rank, describe(), thread.name,
-                        self._owner[1]))
+                        self._owner.name))
 
     def _width(self, n, buf):
         if self.width is None or n + buf.size > self.width:

@@ -35,6 +35,8 @@ from chainer.utils import type_check
 HEADER_LEN = 64
 #: Where the text of a full header lies.
 HEADER_TEXT = slice(32, 64)
+#: Where the package version of a full header lies (up to 32 bytes).
+HEADER_VERSION = slice(26, 30)
 _MAGIC = 0x4d4e424e  # 'MNBN'
 _MAX_DIMS = 8
 
@@ -133,7 +135,22 @@ def encode_header(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
     h[21] = _code(numpy.dtype(param_dtype).name, _DTYPES)
     h[22] = _code(backend, _BACKENDS)
     h[23] = _code(device, _DEVICES)
+    raw = package_version().encode('utf-8')[:8 * (
+        HEADER_VERSION.stop - HEADER_VERSION.start)]
+    h[HEADER_VERSION].view(numpy.uint8)[:len(raw)] = numpy.frombuffer(
+        raw, numpy.uint8)
     return for_exchange(h, problem, nonfinite, text)
+
+
+def package_version():
+    """The version of :mod:`multinode_bn` this process runs."""
+    import multinode_bn  # late: this module is imported by the package
+    return str(multinode_bn.__version__)
+
+
+def _text(ints):
+    return bytes(numpy.ascontiguousarray(ints).view(numpy.uint8)).rstrip(
+        b'\0').decode('utf-8', 'replace')
 
 
 def for_exchange(header, problem=OK, nonfinite=False, text=''):
@@ -164,8 +181,8 @@ def decode_header(h):
         problem=int(h[24]),
         nonfinite=bool(h[25]),
         valid=int(h[0]) == _MAGIC,
-        text=bytes(numpy.ascontiguousarray(h[HEADER_TEXT]).view(numpy.uint8)
-                   ).rstrip(b'\0').decode('utf-8', 'replace'),
+        text=_text(h[HEADER_TEXT]),
+        version=_text(h[HEADER_VERSION]),
     )
 
 
@@ -233,6 +250,15 @@ def check_headers(headers, rank, label):
         label (str): The link or call being checked.
     """
     decoded = [decode_header(h) for h in headers]
+    versions = [d['version'] for d in decoded]
+    if any(v != versions[0] for v in versions):
+        # Checked first: other versions may describe inputs differently.
+        raise InconsistentInputError(
+            '{} (raised on rank {}): processes run different versions of '
+            'multinode_bn:\n{}\nInstall the same version on every node.'
+            .format(label, rank, '\n'.join(
+                '  rank {}: multinode_bn {}'.format(r, v or 'unknown')
+                for r, v in enumerate(versions))))
     problems = [r for r, d in enumerate(decoded)
                 if d['problem'] or not d['valid']]
     parts = [agreeing_part(h) for h in headers]

@@ -253,7 +253,8 @@ class MultiNodeBNImplSelector(object):
         self._number = None
         self.calls = 0
         #: What the owning link adds to the configuration that every
-        #: process must share (``use_gamma``, ``use_beta``, ``finetune``).
+        #: process must share: ``(name, value)`` pairs (``use_gamma``,
+        #: ``use_beta``, ``finetune``).
         self.link_config = ()
         # Until one header exchange has passed, processes may not even agree
         # on the size of the statistics buffer.
@@ -334,7 +335,8 @@ class MultiNodeBNImplSelector(object):
                 width != self.exchange.width:
             problem = validation.WIDTH_CHANGED
         self._current = _Call(described, problem, self.calls, (
-            _number(eps), _number(decay)) + tuple(self.link_config))
+            ('eps', _number(eps)), ('decay', _number(decay)))
+            + tuple(self.link_config))
         if not self._agreed:
             if self._number is None:
                 self._number = communication.link_number(self.comm)
@@ -384,9 +386,9 @@ class MultiNodeBNImplSelector(object):
 
     def _check_headers(self, kind, current, nonfinite=False):
         call = current.call
-        text = '{} call {} {} exchange, eps {} decay {} {}'.format(
-            self.label, call, kind, current.config[0], current.config[1],
-            ' '.join(map(str, current.config[2:])))
+        text = '{} call {} {} exchange, {}'.format(
+            self.label, call, kind, ' '.join(
+                '{}={}'.format(name, value) for name, value in current.config))
         header = validation.for_exchange(current.described.header,
                                          current.problem, nonfinite, text)
         headers = self.exchange.allgather_header(

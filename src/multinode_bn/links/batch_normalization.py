@@ -176,7 +176,9 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
         else:
             decay = self.decay
         self._impl_selector.link_config = (
-            self.gamma is not None, self.beta is not None, bool(finetune))
+            ('use_gamma', self.gamma is not None),
+            ('use_beta', self.beta is not None),
+            ('finetune', bool(finetune)))
         self._impl_selector.link_name = self.name
         y = _mnbn.multi_node_batch_normalization(
             x, gamma, beta, self._impl_selector, eps=self.eps,
