@@ -292,8 +292,10 @@ def check_headers(headers, rank, label):
 #: 16-bit pieces of the 64-bit digest in an in-band header.
 DIGEST_PIECES = 4
 #: Numbers in an in-band header: a count, each piece and its square, the
-#: number of processes with a local problem and with non-finite values.
-INBAND_LEN = 3 + 2 * DIGEST_PIECES
+#: number of processes with a local problem and with non-finite values,
+#: and the samples per channel (forward exchanges; 0 in the others).
+INBAND_LEN = 4 + 2 * DIGEST_PIECES
+_PROBLEM_AT = 1 + 2 * DIGEST_PIECES
 
 
 def exchange_digest(identity):
@@ -304,13 +306,23 @@ def exchange_digest(identity):
     return tuple((value >> (16 * i)) & 0xFFFF for i in range(DIGEST_PIECES))
 
 
-def inband_header(digest, problem=OK, nonfinite=False):
-    """The float64 header summed inside every statistics exchange."""
+def inband_header(digest, problem=OK, nonfinite=False, samples=0):
+    """The float64 header summed inside every statistics exchange.
+
+    ``samples`` (this process's samples per channel) sums to the global
+    count on the host, whichever backend moves the statistics: the count
+    is then known without reading the device.
+    """
     values = [1.0]
     for d in digest:
         values += [d, d * d]
-    values += [problem != OK, bool(nonfinite)]
+    values += [problem != OK, bool(nonfinite), samples]
     return numpy.array(values, dtype=numpy.float64)
+
+
+def inband_samples(summed):
+    """The global samples per channel of a summed :func:`inband_header`."""
+    return float(summed[_PROBLEM_AT + 2])
 
 
 def inband_agrees(summed):
@@ -328,7 +340,7 @@ def inband_agrees(summed):
     for i in range(DIGEST_PIECES):
         if n * values[2 + 2 * i] != values[1 + 2 * i] ** 2:
             return False
-    return values[-2] == 0 and values[-1] == 0
+    return values[_PROBLEM_AT] == 0 and values[_PROBLEM_AT + 1] == 0
 
 
 def nonfinite_ranks(headers):

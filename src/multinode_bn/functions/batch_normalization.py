@@ -49,10 +49,13 @@ def get_communication_backend(comm, communication_backend='auto'):
 class _ForwardData(object):
     """What the backward needs from the forward of one call."""
 
-    __slots__ = ('count', 'mean', 'inv_std', 'statistics', 'call')
+    __slots__ = ('count', 'host_count', 'mean', 'inv_std', 'statistics',
+                 'call')
 
-    def __init__(self, count, mean, inv_std, statistics, call):
+    def __init__(self, count, host_count, mean, inv_std, statistics, call):
         self.count = count
+        #: The global count as a Python float, read from the host.
+        self.host_count = host_count
         self.mean = mean
         self.inv_std = inv_std
         self.statistics = statistics
@@ -136,8 +139,9 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
             moments = stats.local_moments(x3)
         else:
             moments = xp.zeros((x3.shape[1], 3), statistics.MOMENTS_DTYPE)
-        moments = self.selector.exchange_moments(
-            moments, eps, self._nonfinite(moments))
+        moments, host_count = self.selector.exchange_moments(
+            moments, x3.shape[0] * x3.shape[2], eps,
+            self._nonfinite(moments))
 
         count = moments[0, 0]
         mean = moments[:, 1]
@@ -155,7 +159,7 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
                             decay, gamma.shape)
 
         shape = gamma.shape
-        forward_data = _ForwardData(count, mean, inv_std, stats,
+        forward_data = _ForwardData(count, host_count, mean, inv_std, stats,
                                     self.selector.current)
         return (y, x_layout, running_mean, running_var,
                 mean.astype(interm_dtype).reshape(shape),
@@ -349,7 +353,7 @@ class MultiNodeBNImplSelector(object):
             xp = backend.get_array_module(g_arr)
             self.exchange_moments(xp.zeros(
                 ((self.exchange.width - validation.INBAND_LEN - 1) // 2, 3),
-                statistics.MOMENTS_DTYPE))
+                statistics.MOMENTS_DTYPE), 0)
         self.prepared = True
 
     def _describe_input(self, x_shape, x_arr, g_arr, b_arr, axis, running):
@@ -402,10 +406,15 @@ class MultiNodeBNImplSelector(object):
         of this exchange of call ``current`` (default: the call in
         progress); raises on every process if any process is in another
         exchange, had a problem or (debug mode) non-finite values."""
+        return self._exchange(kind, buf, current, nonfinite, problem)[0]
+
+    def _exchange(self, kind, buf, current=None, nonfinite=False,
+                  problem=validation.OK, samples=0):
+        """:meth:`exchange_sums`, with the summed in-band header."""
         current = current or self._current
         header = validation.inband_header(
             validation.exchange_digest(self.identity(kind, current)),
-            problem, nonfinite)
+            problem, nonfinite, samples)
         describe = functools.partial(self.describe, kind, current.call)
         self.exchange.admit(describe)
         if self.exchange.size == 1:
@@ -415,7 +424,7 @@ class MultiNodeBNImplSelector(object):
                                                         describe)
         if not validation.inband_agrees(summed):
             self._disagreement(kind, current, nonfinite)
-        return sums
+        return sums, summed
 
     def _disagreement(self, kind, current, nonfinite):
         """Every process is here together (they read the same sums): the
@@ -448,9 +457,10 @@ class MultiNodeBNImplSelector(object):
             stats = self._statistics[key] = choose_statistics(x, dtype)
         return stats
 
-    def exchange_moments(self, moments, eps=0.0, nonfinite=False):
-        """Global ``(count, mean, m2)`` from local ones; raises on every
-        process if any input was bad.
+    def exchange_moments(self, moments, samples, eps=0.0, nonfinite=False):
+        """Global ``(count, mean, m2)`` from local ones, and the global
+        count as a host number (``samples``: the local count); raises on
+        every process if any input was bad.
 
         One collective of sums around the shared shift (the previous global
         mean of this link). Should the new mean lie far from it (the first
@@ -465,11 +475,13 @@ class MultiNodeBNImplSelector(object):
                 != backend.get_device_from_array(moments)):
             # First call, or the link moved to another device.
             shift = xp.zeros(moments.shape[0], statistics.MOMENTS_DTYPE)
-        sums = self.exchange_sums(
+        sums, summed = self._exchange(
             'forward', statistics.moments_to_shifted_sums(xp, moments, shift),
-            nonfinite=nonfinite, problem=self._current.problem)
+            nonfinite=nonfinite, problem=self._current.problem,
+            samples=samples)
+        count = validation.inband_samples(summed)
         if self.exchange.size == 1:
-            return moments
+            return moments, count
         merged = statistics.shifted_sums_to_moments(xp, sums, shift)
         if statistics.shift_too_far(merged, shift, eps):
             shift = merged[:, 1]
@@ -479,7 +491,7 @@ class MultiNodeBNImplSelector(object):
             merged = statistics.shifted_sums_to_moments(xp, sums, shift)
         mean = merged[:, 1]
         self._shift = xp.where(xp.isfinite(mean), mean, shift)
-        return merged
+        return merged, count
 
 
 class _Described(object):
@@ -564,13 +576,11 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
             outputs = super(MultiNodeBatchNormalizationFunction,
                             self).forward(inputs)
         data = self.forward_data
-        if (isinstance(data, _ForwardData)
-                and isinstance(data.count, numpy.floating)
-                and data.count <= 1):
+        if isinstance(data, _ForwardData) and data.host_count <= 1:
             warnings.warn(
                 'MultiNodeBatchNormalization received a global batch of {} '
                 'sample(s) over all processes; the output is zero.'.format(
-                    int(float(data.count))), UserWarning)
+                    int(data.host_count)), UserWarning)
         return outputs
 
     def backward(self, indexes, grad_outputs):
@@ -657,7 +667,7 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
 
         exp = self.expander
         axis = self.axis
-        inv_m = dtype.type(1.0 / max(float(data.count), 1.0))
+        inv_m = dtype.type(1.0 / max(data.host_count, 1.0))
         inv_p = dtype.type(1.0 / size)
         s = data.inv_std.astype(dtype).reshape(gamma.shape)
         mean = data.mean.astype(dtype).reshape(gamma.shape)
