@@ -123,6 +123,29 @@ def test_nccl_backend_with_host_arrays_names_the_problem():
         link(x)
 
 
+def test_small_eps_trains_where_cudnn_is_available(monkeypatch):
+    # Chainer's BatchNormalization node refuses eps < 1e-5 whenever cuDNN
+    # is available; the synchronized node never uses cuDNN.
+    import chainer
+    import chainer.functions as F
+    from chainer.functions.normalization import batch_normalization as bn
+    from mpi4py import MPI
+    import multinode_bn
+    monkeypatch.setattr(chainer, 'should_use_cudnn',
+                        lambda *a: chainer.config.use_cudnn != 'never')
+    monkeypatch.setattr(bn, 'libcudnn', types.SimpleNamespace(
+        CUDNN_BN_MIN_EPSILON=1e-5), raising=False)
+    x = numpy.random.RandomState(0).randn(5, 3)
+    gamma, beta = numpy.ones(3), numpy.zeros(3)
+    with pytest.raises(RuntimeError, match='cuDNN does not allow'):
+        F.batch_normalization(x, gamma, beta, eps=1e-7)  # the fake is on
+    link = multinode_bn.MultiNodeBatchNormalization(
+        3, MPI.COMM_SELF, eps=1e-7, dtype=numpy.float64)
+    y = link(x).array
+    expected = (x - x.mean(0)) / numpy.sqrt(x.var(0) + 1e-7)
+    numpy.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------
 # The NCCL exchange's buffers, against a fake cupy
 
@@ -141,12 +164,22 @@ class _FakeDeviceArray(numpy.ndarray):
     def data(self):
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
+    def get(self, stream=None):
+        _FakeCupy.events.append(('get', getattr(stream, 'ptr', None)))
+        return numpy.asarray(self).copy()
+
+    def set(self, host, stream=None):
+        _FakeCupy.events.append(('set', getattr(stream, 'ptr', None)))
+        self[...] = host
+
 
 class _FakeCupy(types.ModuleType):
     """Just what ``NcclStatsExchange`` uses, with every device allocation,
     host copy and stream recorded."""
 
     current_device = 0
+    #: Host copies and stream synchronizations, in order.
+    events = []
 
     def __init__(self):
         super().__init__('cupy')
@@ -165,6 +198,9 @@ class _FakeCupy(types.ModuleType):
             @property
             def ptr(self):
                 return fake.stream_ptr
+
+            def synchronize(self):
+                _FakeCupy.events.append(('synchronize', self.ptr))
 
         cuda = types.ModuleType('cupy.cuda')
         cuda.Device = Device
@@ -258,7 +294,36 @@ def fake_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, 'cupy.cuda', fake.cuda)
     monkeypatch.setitem(sys.modules, 'cupy.cuda.nccl', fake.cuda.nccl)
     monkeypatch.setattr(_FakeCupy, 'current_device', 0)
+    monkeypatch.setattr(_FakeCupy, 'events', [])
     return fake
+
+
+def test_host_copies_wait_for_the_current_stream(fake_cupy):
+    # A user's non-blocking stream: the copy is queued on it and waited
+    # for, instead of a plain get() on the default stream.
+    fake_cupy.stream_ptr = 99
+    device = fake_cupy.asarray(numpy.arange(3.0))
+    host = communication.to_host(device)
+    assert type(host) is numpy.ndarray
+    numpy.testing.assert_array_equal(host, numpy.arange(3.0))
+    assert _FakeCupy.events == [('get', 99), ('synchronize', 99)]
+    back = communication._like(device, host * 2)
+    numpy.testing.assert_array_equal(back, 2 * numpy.arange(3.0))
+    assert _FakeCupy.events[-1] == ('set', 99)
+
+
+def test_mpi_exchange_of_device_sums_copies_on_the_current_stream(
+        fake_cupy):
+    from mpi4py import MPI
+    fake_cupy.stream_ptr = 7
+    exchange = communication.MpiStatsExchange(MPI.COMM_WORLD)
+    exchange.size = 2
+    exchange.mpi_comm = _FakeMpiComm(2)
+    exchange.width = validation.INBAND_LEN + 1 + 2 * 2
+    sums, summed = exchange.allreduce_sums(
+        fake_cupy.asarray(numpy.ones(5)), HEADER)
+    numpy.testing.assert_array_equal(sums, numpy.full(5, 2.0))
+    assert _FakeCupy.events == [('get', 7), ('synchronize', 7), ('set', 7)]
 
 
 def _nccl_exchange(ranks=2, channels=4):

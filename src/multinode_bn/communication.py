@@ -467,7 +467,7 @@ class MpiStatsExchange(_StatsExchange):
         n = len(header)
         send = numpy.zeros(self._width(n, buf))
         send[:n] = header
-        send[n:n + buf.size] = _to_host(buf).ravel()
+        send[n:n + buf.size] = to_host(buf).ravel()
         out = self._host_sum(send, describe)
         return _like(buf, out[n:n + buf.size].reshape(buf.shape)), out[:n]
 
@@ -537,17 +537,29 @@ class NcclStatsExchange(_StatsExchange):
         return summed[:buf.size].reshape(buf.shape).copy(), summed_header
 
 
-def _to_host(a):
-    if isinstance(a, numpy.ndarray):
+def to_host(a):
+    """``a`` as a NumPy array. A CuPy array is copied on the current stream
+    once the kernels queued on it have run: a plain ``get()`` would copy on
+    the default stream, which does not wait for a non-blocking stream's
+    kernels."""
+    if type(a) is numpy.ndarray:
         return numpy.ascontiguousarray(a)
-    return a.get()
+    import cupy
+    stream = cupy.cuda.get_current_stream()
+    host = a.get(stream=stream)
+    stream.synchronize()
+    return host
 
 
 def _like(reference, host):
-    if isinstance(reference, numpy.ndarray):
+    """``host`` on the device of ``reference`` (a NumPy or CuPy array),
+    copied on the current stream, before the kernels queued after it."""
+    if type(reference) is numpy.ndarray:
         return host
     import cupy
-    return cupy.asarray(host)
+    out = cupy.empty(host.shape, dtype=host.dtype)
+    out.set(host, stream=cupy.cuda.get_current_stream())
+    return out
 
 
 # Collectives whose exchange raised StallError, kept alive for good.

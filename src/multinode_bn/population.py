@@ -243,7 +243,7 @@ class _MomentRecorder(chainer.LinkHook):
         x = memory_layouts._transpose_array(x, layout, None)
         axis = tuple(_bn._compute_axis(x.ndim, link.avg_mean.ndim,
                                        link.axis))
-        moments = backend.CpuDevice().send(local_moments_float64(x, axis))
+        moments = communication.to_host(local_moments_float64(x, axis))
         key = id(link)
         if key in self.moments:
             moments = statistics.merge_moments(numpy, self.moments[key],
@@ -423,11 +423,12 @@ def _merge_over_processes(targets, recorder):
 
 def _set_statistics(link, mean_var, calls):
     mean, var = mean_var
-    xp = link.xp
     for name, value in (('avg_mean', mean), ('avg_var', var)):
         current = getattr(link, name)
-        value = xp.asarray(value.reshape(current.shape).astype(current.dtype))
-        current[...] = value
+        # Sent to the persistent's own device, which need not be the
+        # current one.
+        current[...] = backend.get_device_from_array(current).send(
+            value.reshape(current.shape).astype(current.dtype))
     link.N = calls
 
 

@@ -543,15 +543,18 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
     """Chainer's ``BatchNormalization`` node with a synchronized backward.
 
     The first-order backward runs the selected implementation (one
-    collective). The second-order backward differentiates a re-expression of
-    the first-order backward whose reductions are themselves synchronized.
+    collective); the second-order backward is the closed form of
+    :class:`MultiNodeBatchNormalizationGrad` (one collective).
     """
 
     def __init__(self, impl_selector, eps=2e-5, mean=None, var=None,
                  decay=0.9, axis=None):
-        super(MultiNodeBatchNormalizationFunction, self).__init__(
-            eps=eps, mean=mean, var=var, decay=decay, axis=axis,
-            impl_selector=impl_selector)
+        # Chainer's constructor refuses an eps below cuDNN's minimum
+        # whenever cuDNN is available; this node never uses cuDNN.
+        with chainer.using_config('use_cudnn', 'never'):
+            super(MultiNodeBatchNormalizationFunction, self).__init__(
+                eps=eps, mean=mean, var=var, decay=decay, axis=axis,
+                impl_selector=impl_selector)
 
     def forward_chainerx(self, inputs):
         # Chainer's ChainerX kernel would normalize with local statistics
