@@ -485,3 +485,56 @@ def test_gpu_link_matches_float64_reference(dtype):
     numpy.testing.assert_allclose(cupy.asnumpy(xv.grad), xr.grad, atol=tol)
     numpy.testing.assert_allclose(cupy.asnumpy(link.avg_var), ref.avg_var,
                                   rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parallel(nprocs=[2])
+@pytest.mark.parametrize('backend_name', ['mpi', 'nccl'])
+def test_gpu_link_on_two_processes_matches_the_concatenated_batch(
+        backend_name):
+    # Exchanges do run here (COMM_SELF above makes none): each process has
+    # its own slice of the batch on its own GPU (NCCL needs one per rank).
+    cupy = _real_cupy()
+    import chainer
+    import chainer.functions as F
+    import chainer.links as L
+    import chainermn
+    from mpi4py import MPI
+    import multinode_bn
+    world = MPI.COMM_WORLD
+    devices = cupy.cuda.runtime.getDeviceCount()
+    if backend_name == 'nccl' and devices < world.size:
+        pytest.skip('NCCL needs a GPU per process')
+    device = world.rank % devices
+    cupy.cuda.Device(device).use()
+    comm = (chainermn.create_communicator('pure_nccl', world)
+            if backend_name == 'nccl' else world)
+    sizes = [3, 5]
+    rng = numpy.random.RandomState(0)
+    x_all = 10 + rng.standard_normal((sum(sizes), 8, 4, 4))
+    start = sum(sizes[:world.rank])
+    x_mine = x_all[start:start + sizes[world.rank]]
+
+    def step(link, x):
+        xv = chainer.Variable(x)
+        y = link(xv)
+        link.cleargrads()
+        F.sum(y * y * y).backward()  # upstream gradient depends on y
+        return y.array, xv.grad, link.gamma.grad, link.avg_var
+
+    link = multinode_bn.MultiNodeBatchNormalization(
+        8, comm, dtype=numpy.float32, communication_backend=backend_name)
+    link.to_device('@cupy:{}'.format(device))
+    ours = [cupy.asnumpy(a) for a in step(
+        link, cupy.asarray(x_mine, numpy.float32))]
+    ref = step(L.BatchNormalization(8, dtype=numpy.float64), x_all)
+    problems = []
+    for name, a, b in [('y', ours[0], ref[0][start:start + len(x_mine)]),
+                       ('gx', ours[1], ref[1][start:start + len(x_mine)]),
+                       ('ggamma', world.allreduce(ours[2]), ref[2]),
+                       ('avg_var', ours[3], ref[3])]:
+        if not numpy.allclose(a, b, rtol=1e-3, atol=1e-3):
+            problems.append('{}: max error {}'.format(
+                name, numpy.abs(a - b).max()))
+    everyone = world.allgather(problems)
+    assert not any(everyone), everyone
