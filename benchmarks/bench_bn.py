@@ -214,18 +214,18 @@ def peak_temporary_bytes(case):
 def collective_costs(world, channel_counts, iters):
     """Median time (slowest rank) of the collectives alone, per call.
 
-    Our exchange (forward: the in-band check and ``1 + 2 C`` shifted sums;
+    Our exchange (forward: the tag and ``1 + 2 C`` shifted sums;
     backward: ``2 C`` sums; both float64 with MPI's built-in ``SUM``)
     against what ChainerMN's link issues per direction (a blocking
     ``Allreduce`` of ``2 C`` float32 values).
     """
     from multinode_bn import communication
     from multinode_bn import validation
-    header = validation.inband_header(validation.exchange_digest('bench'))
+    header = validation.exchange_tag(validation.exchange_digest('bench'))
     rows = []
     for channels in channel_counts:
         exchange = communication.create_exchange(world, 'mpi')
-        exchange.width = validation.INBAND_LEN + 1 + 2 * channels
+        exchange.width = validation.TAG_LEN + 1 + 2 * channels
         shifted = numpy.zeros(1 + 2 * channels)
         sums = numpy.zeros((2, channels))
         send = numpy.zeros(2 * channels, dtype=numpy.float32)

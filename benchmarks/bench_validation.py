@@ -56,14 +56,16 @@ def main():
             y.backward()
 
         fast = median_time(step, comm)
-        selector = link._impl_selector
+        link_protocol = link._impl_selector.protocol
 
         def checks():
-            selector.prepare(x, link.gamma, link.beta, None)
+            call = link_protocol.begin_call(
+                x, link.gamma, link.beta, None,
+                (('eps', link.eps), ('decay', link.decay)))
             for kind in ('forward', 'backward'):
-                header = validation.inband_header(validation.exchange_digest(
-                    selector.identity(kind, selector.current)))
-                validation.inband_agrees(header)
+                tag = validation.exchange_tag(validation.exchange_digest(
+                    (kind, call.identity)))
+                validation.tag_agrees(tag)
 
         prepare = median_time(checks, comm, iterations=2000)
         with chainer.using_config('debug', True):

@@ -267,12 +267,12 @@ def test_threads_taking_turns_on_one_link_raise_before_any_exchange():
         xs = [_x(r, seed=attempt) for r in range(comm.size)]
         gys = [numpy.ones_like(v) for v in xs]
         run_link(link, x, gys[comm.rank])  # the owning thread
-        calls = link._impl_selector.calls
+        calls = link._impl_selector.protocol.calls
         error = _in_thread(lambda: link(x))
         assert isinstance(error, RuntimeError), error
         assert "thread 'second'" in str(error), error
         assert 'MainThread' in str(error), error
-        assert link._impl_selector.calls == calls  # nothing counted
+        assert link._impl_selector.protocol.calls == calls  # nothing counted
         # A copy shares the communicator, and so the thread.
         assert isinstance(_in_thread(lambda: copy.deepcopy(link)(x)),
                           RuntimeError)
@@ -302,10 +302,11 @@ def test_environment_variables_are_validated_and_never_break_the_import():
 
 
 def test_invalid_cpu_kernels_setting_is_named(monkeypatch):
-    from multinode_bn.functions import batch_normalization as fbn
+    from multinode_bn import cpu_kernels
     monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', 'maybe')
     with pytest.warns(RuntimeWarning, match='MULTINODE_BN_CPU_KERNELS'):
-        fbn.choose_statistics(numpy.zeros(1, numpy.float32), numpy.float32)
+        cpu_kernels.choose_statistics(numpy.zeros(1, numpy.float32),
+                                      numpy.float32)
 
 
 def test_stall_policy_rejects_unusable_timeouts():
@@ -341,7 +342,7 @@ def test_a_dropped_link_releases_its_communicator_at_once():
     comm = MPI.COMM_WORLD
     link = multinode_bn.MultiNodeBatchNormalization(3, comm)
     link(_x(comm.rank))
-    exchange = weakref.ref(link._impl_selector.exchange)
+    exchange = weakref.ref(link._impl_selector.protocol.exchange)
     assert exchange().link_comm(str) is not comm
     del link
     # No reference cycle keeps it until a garbage collection.

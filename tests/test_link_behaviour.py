@@ -147,7 +147,7 @@ def test_deepcopy_and_copy_keep_the_same_communicator():
     for copied in (copy.deepcopy(link), link.copy(mode='copy'),
                    link.copy(mode='init'), link.copy(mode='share')):
         assert copied.comm is comm
-        assert copied._impl_selector.exchange.comm is comm
+        assert copied._impl_selector.protocol.exchange.comm is comm
     deep = copy.deepcopy(link)
     assert deep.avg_mean is not link.avg_mean
     assert deep.gamma is not link.gamma

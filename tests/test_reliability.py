@@ -252,13 +252,18 @@ def test_a_rank_that_skips_a_call_ends_the_others_after_the_limit():
                                        previous.stream, previous.abort_after)
 
 
-def test_header_round_trip_and_local_problems():
-    h = validation.encode_header((2, 3, 4, 5), numpy.float32, (3,),
-                                 numpy.float32, (0, 2, 3), 'mpi', 'cpu')
-    d = validation.decode_header(h)
-    assert d['shape'] == (2, 3, 4, 5) and d['axis'] == (0, 2, 3)
-    assert d['param_shape'] == (3,) and d['dtype'] == 'float32'
-    assert d['valid'] and d['problem'] == validation.OK
+def test_input_record_round_trip_and_local_problems():
+    record = validation.input_record(
+        (2, 3, 4, 5), numpy.float32, (3,), numpy.float32, (0, 2, 3), 'mpi',
+        'cpu', version='1.2.3')._replace(text='/bn call 4', nonfinite=True)
+    packed = record.pack()
+    assert packed.shape == (validation.RECORD_LEN,)
+    assert validation.InputRecord.unpack(packed) == record
+    assert record.agreeing == (4, (0, 2, 3), (3,), (3,), 'float32',
+                               'float32', 'mpi', 'cpu')
+    garbage = validation.InputRecord.unpack(numpy.arange(
+        validation.RECORD_LEN))
+    assert not garbage.valid
     lp = validation.local_problem
     args = dict(x_shape=(2, 3), x_dtype=numpy.float32, param_shape=(3,),
                 param_dtype=numpy.float32, beta_dtype=numpy.float32,
@@ -374,13 +379,20 @@ def test_processes_running_other_versions_raise_naming_the_versions(
         assert 'rank 1: multinode_bn 0.0.1-stale' in text, everyone
 
 
+@pytest.mark.parallel(nprocs=[2])
 def test_mismatch_reports_name_every_configuration_field():
-    from multinode_bn.validation import decode_header
-    link = multinode_bn.MultiNodeBatchNormalization(3, MPI.COMM_SELF)
-    link(numpy.ones((2, 3), numpy.float32))
-    selector = link._impl_selector
-    headers = selector._check_headers('input check', selector.current)
-    text = decode_header(headers[0])['text']
-    assert ('eps=2e-05 decay=0.9 use_gamma=True use_beta=True '
-            'finetune=False') in text, text
-    assert decode_header(headers[0])['version'] == multinode_bn.__version__
+    comm = MPI.COMM_WORLD
+    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
+    x = numpy.ones((2, 3), numpy.float32)
+    link(x)
+    try:  # rank 1 fine-tunes, rank 0 trains
+        link(x, finetune=comm.rank == 1)
+        message = 'no error'
+    except multinode_bn.InconsistentInputError as e:
+        message = str(e)
+    # (fine-tuning averages with decay 1 - 1 / (N + 1), 0 at first)
+    for rank, decay, finetune in ((0, 0.9, False), (1, 0.0, True)):
+        assert ('rank {}: MultiNodeBatchNormalization #'.format(rank)
+                in message), message
+        assert ('eps=2e-05 decay={} use_gamma=True use_beta=True '
+                'finetune={}'.format(decay, finetune)) in message, message

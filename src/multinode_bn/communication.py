@@ -10,17 +10,21 @@ else. Every collective call of the package is in this file.
 Two exchanges exist, with one format: a float64 buffer summed elementwise
 over processes (the moments as sums around a shift shared by every process,
 see :func:`multinode_bn.statistics.moments_to_shifted_sums`, or the sums of
-the backward), with the few numbers of the in-band input check of
-:mod:`multinode_bn.validation` in front.
+the backward), with the tag of :mod:`multinode_bn.validation` (what the
+exchange is) in front.
 
 * :class:`MpiStatsExchange` moves host buffers with one ``Iallreduce`` of
-  MPI's built-in ``SUM`` (header and statistics together); CuPy buffers are
+  MPI's built-in ``SUM`` (tag and statistics together); CuPy buffers are
   staged through host memory (they are O(channels), not O(batch)).
 * :class:`NcclStatsExchange` allreduces device buffers with the NCCL
   communicator of ChainerMN's ``PureNcclCommunicator`` on the current stream,
-  in buffers allocated once per link and reused. The in-band check is summed
-  on the host by MPI first, so processes whose inputs disagree (possibly in
-  the buffer size) learn it before NCCL is handed a buffer.
+  in buffers allocated once per link and reused. The tag is summed on the
+  host by MPI first, and the caller's verdict on it decides whether NCCL is
+  handed a buffer at all (processes whose inputs disagree may disagree on
+  its size).
+
+Every wait for a collective reports a stall (:func:`wait`,
+:class:`StallPolicy`).
 """
 
 import math
@@ -32,8 +36,6 @@ import warnings
 import weakref
 
 import numpy
-
-from multinode_bn import validation
 
 BACKENDS = ('mpi', 'nccl', 'auto')
 
@@ -311,7 +313,7 @@ class _StatsExchange(object):
         self.size = self.base_comm.Get_size()
         self.rank = self.base_comm.Get_rank()
         #: Values of every summed exchange (set by the owner at the first
-        #: call: in-band header plus ``1 + 2 C``).
+        #: call: the tag plus ``1 + 2 C``).
         self.width = None
         #: What stalled, once an exchange raised :class:`StallError`.
         self.stalled = None
@@ -325,12 +327,6 @@ class _StatsExchange(object):
     def __deepcopy__(self, memo):
         # A communicator is a process-wide resource: copies share it.
         return self
-
-    @property
-    def mpi_comm(self):
-        """This exchange's own duplicate of the communicator (see
-        :meth:`link_comm`)."""
-        return self.link_comm(str)
 
     def link_comm(self, describe):
         """This exchange's own duplicate of the communicator, made at the
@@ -359,10 +355,6 @@ class _StatsExchange(object):
                 '(copy.deepcopy and link.copy() share it).'.format(
                     self.rank, describe(), error.Get_error_string()))
         return own
-
-    @mpi_comm.setter
-    def mpi_comm(self, comm):
-        self._own = comm
 
     def admit(self, describe):
         """Raises unless the calling thread may exchange now: not after an
@@ -420,19 +412,19 @@ class _StatsExchange(object):
         self._wait(request, describe, host, out)
         return out
 
-    def allgather_header(self, header, describe=str):
-        """Every process's :mod:`~multinode_bn.validation` header, ``(size, HEADER_LEN)``.
+    def allgather_record(self, record, describe=str):
+        """Every process's int64 ``record``, ``(size, len(record))``.
 
-        Headers are small host arrays of a fixed size on every process, also
-        on the NCCL backend, so this exchange can neither truncate nor hang
-        on a size mismatch.
+        Records are small host arrays of one fixed size on every process
+        (:data:`multinode_bn.validation.RECORD_LEN`), also on the NCCL
+        backend, so this exchange can neither truncate nor hang on a size
+        mismatch.
         """
-        out = numpy.empty((self.size, validation.HEADER_LEN),
-                          dtype=numpy.int64)
+        out = numpy.empty((self.size, len(record)), dtype=numpy.int64)
         if self.size == 1:
-            out[0] = header
+            out[0] = record
             return out
-        send = numpy.ascontiguousarray(header, dtype=numpy.int64)
+        send = numpy.ascontiguousarray(record, dtype=numpy.int64)
         request = self.link_comm(describe).Iallgather(send, out)
         self._wait(request, describe, send, out)
         return out
@@ -448,28 +440,29 @@ class MpiStatsExchange(_StatsExchange):
 
     backend = 'mpi'
 
-    def allreduce_sums(self, buf, header, describe=str):
-        """Sums a float64 vector and an in-band header over processes, in
-        one collective of :attr:`width` values (``buf`` is padded).
+    def allreduce_sums(self, buf, tag, describe=str, proceed=None):
+        """Sums a float64 vector and its tag over processes, in one
+        collective of :attr:`width` values (``buf`` is padded).
 
         Args:
             buf: float64 vector (NumPy or CuPy), at most ``width -
-                len(header)`` values.
-            header: float64 host vector (the in-band check of
-                :mod:`~multinode_bn.validation`).
+                len(tag)`` values.
+            tag: float64 host vector (:func:`multinode_bn.validation.exchange_tag`).
             describe: Returns what this call is, for a stall report.
+            proceed: Unused here (see :class:`NcclStatsExchange`).
 
         Returns:
-            tuple: The summed buffer (like ``buf``) and the summed header.
+            tuple: The summed buffer (like ``buf``) and the summed tag.
         """
         if self.size == 1:
-            return buf, header
-        n = len(header)
+            return buf, tag
+        n = len(tag)
         send = numpy.zeros(self._width(n, buf))
-        send[:n] = header
+        send[:n] = tag
         send[n:n + buf.size] = to_host(buf).ravel()
         out = self._host_sum(send, describe)
         return _like(buf, out[n:n + buf.size].reshape(buf.shape)), out[:n]
+
 
 class NcclStatsExchange(_StatsExchange):
     """Exchanges statistics with NCCL on the current CUDA stream.
@@ -477,8 +470,8 @@ class NcclStatsExchange(_StatsExchange):
     Device buffers are allocated once per device, stream and size, and
     reused.
 
-    The in-band check of every exchange is summed on the host with MPI, not
-    appended to the NCCL buffer: reading it back from the device would wait
+    The tag of every exchange is summed on the host with MPI, not appended
+    to the NCCL buffer: reading it back from the device would wait
     for every kernel queued before it, and processes in different exchanges
     learn it before NCCL is handed their buffers. The host collective runs
     while the device still computes the local statistics.
@@ -517,24 +510,23 @@ class NcclStatsExchange(_StatsExchange):
                                       stream.ptr)
         return buf.reshape(arr.shape)
 
-    def allreduce_sums(self, buf, header, describe=str):
+    def allreduce_sums(self, buf, tag, describe=str, proceed=None):
         """See :meth:`MpiStatsExchange.allreduce_sums`: two collectives,
-        the header on the host first, then ``buf`` padded to the link's
-        width on the device (only when every process's header agrees; the
+        the tag on the host first, then ``buf`` padded to the link's width
+        on the device, only if ``proceed(summed_tag)`` (every process reads
+        the same sums, so all of them skip the device collective alike; the
         result is a new array)."""
         if self.size == 1:
-            return buf, header
-        summed_header = self._host_sum(header, describe)
-        if not validation.inband_agrees(summed_header):
-            # Every process reads the same sums, so all of them skip the
-            # device collective, and the caller raises.
-            return buf, summed_header
+            return buf, tag
+        summed_tag = self._host_sum(tag, describe)
+        if proceed is not None and not proceed(summed_tag):
+            return buf, summed_tag
         import cupy
-        n = len(header)
+        n = len(tag)
         padded = cupy.zeros(self._width(n, buf) - n, dtype=numpy.float64)
         padded[:buf.size] = cupy.asarray(buf, dtype=numpy.float64).ravel()
         summed = self._allreduce_device(padded)
-        return summed[:buf.size].reshape(buf.shape).copy(), summed_header
+        return summed[:buf.size].reshape(buf.shape).copy(), summed_tag
 
 
 def to_host(a):
@@ -584,21 +576,3 @@ def _free(comm):
     if MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED):
         return
     comm.Free()
-
-
-_link_numbers = {}
-
-
-def link_number(comm):
-    """The next number of a synchronized link's first call on ``comm``
-    (the same on every process that makes its links' first calls on
-    ``comm`` in the same order), or ``None`` for a one-process
-    communicator, which never exchanges."""
-    mpi_comm = mpi_comm_of(comm)
-    if mpi_comm.Get_size() == 1:
-        return None
-    # Keyed by the communicator object, kept alive with its count so that
-    # its id is never reused.
-    entry = _link_numbers.setdefault(id(mpi_comm), [mpi_comm, 0])
-    entry[1] += 1
-    return entry[1]

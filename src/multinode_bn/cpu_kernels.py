@@ -31,6 +31,9 @@ Backward sums
 Nothing here knows Chainer or MPI.
 """
 
+import os
+import warnings
+
 import numpy
 
 from multinode_bn import statistics
@@ -118,3 +121,46 @@ class CpuStatistics(object):
         _native.input_gradient(x3.itemsize, rows, channels, inner, x3, gy3,
                                coef, gx3)
         return gx3.astype(out_dtype, copy=False)
+
+
+_warned_without_loops = []
+
+
+def choose_statistics(x, dtype):
+    """The statistics backend for input ``x`` computed in ``dtype``.
+
+    The C loops for float32 and float64 NumPy inputs computed in their own
+    dtype (unless ``MULTINODE_BN_CPU_KERNELS=0``), the plain
+    :class:`~multinode_bn.statistics.ReferenceStatistics` otherwise (CuPy,
+    float16, mixed precision).
+    """
+    if type(x) is numpy.ndarray and dtype in SERVED_DTYPES:
+        if not available():
+            if not _warned_without_loops:
+                _warned_without_loops.append(True)
+                warnings.warn(
+                    'multinode_bn was installed without its C extension (no '
+                    'C compiler at install time?): batch normalization on '
+                    'the CPU runs the slower NumPy code. Reinstall with a C '
+                    'compiler to get the one-pass loops.', RuntimeWarning)
+        elif _enabled() and serves(x, dtype):
+            return CpuStatistics(dtype)
+    if isinstance(x, numpy.ndarray):
+        return statistics.ReferenceStatistics(numpy, dtype)
+    import cupy
+    return statistics.ReferenceStatistics(cupy, dtype)
+
+
+def _enabled():
+    """``MULTINODE_BN_CPU_KERNELS``: ``0``, ``off``, ``false`` or ``no``
+    switches the C loops off; ``1``, ``on``, ``true``, ``yes`` or unset
+    keeps them (another value: a warning naming it, and on)."""
+    value = os.environ.get('MULTINODE_BN_CPU_KERNELS', '1').strip().lower()
+    if value in ('0', 'off', 'false', 'no'):
+        return False
+    if value not in ('1', 'on', 'true', 'yes', ''):
+        warnings.warn(
+            'MULTINODE_BN_CPU_KERNELS={!r} is not valid (accepted: 0, off, '
+            'false, no to switch the C loops off; 1, on, true, yes); using '
+            'the C loops.'.format(value), RuntimeWarning)
+    return True

@@ -1,46 +1,30 @@
 """What every process feeds one synchronized BN, and what each exchange is.
 
-Processes that disagree on the channel count, dtype, number of dimensions,
-axis or backend would either hang in a collective or mix unrelated numbers;
-processes that disagree on control flow (a skipped call, links called in
-another order, a skipped backward) would pair unrelated exchanges.
+Processes that disagree on the input (channels, dtype, axis, backend) would
+hang in a collective or mix unrelated numbers; processes that disagree on
+control flow (a skipped call, links in another order, a skipped backward)
+would pair unrelated exchanges. Two records prevent both:
 
-* **The first call of a link** exchanges a fixed-size header
-  (:data:`HEADER_LEN` integers): what each process is about to do and a
-  short text naming the link, the call and the kind of exchange. Headers
-  have the same size whatever the input, so exchanging them can neither
-  hang nor truncate; every process then checks all headers and raises the
-  same error, naming each rank's input (:func:`check_headers`).
-* **Every exchange** (forward, backward, double backward) carries, summed
-  with the statistics in the same collective, an in-band header
-  (:func:`inband_header`): a 64-bit digest of the exchange's identity (its
-  kind, the link, the call number, the buffer size, the configuration that
-  must agree and the input signature) and counts of processes with a local
-  problem or non-finite statistics. :func:`inband_agrees` tells from the
-  sums alone whether every process sent the same digest, so every process
-  reaches the same verdict, and on a disagreement all of them exchange the
-  full headers and raise the same detailed error.
+* an :class:`InputRecord` of each process, gathered once at a link's first
+  call (fixed size, so gathering cannot hang or truncate) and checked by
+  every process alike (:func:`check_records`);
+* a *tag* summed inside every exchange (:func:`exchange_tag`): a digest of
+  the exchange's identity, the counts of processes with a problem or
+  non-finite values, and the local samples. :func:`tag_agrees` tells from
+  the sums alone whether all processes sent the same digest, so all reach
+  the same verdict with no extra collective.
 
-Nothing here communicates: :mod:`multinode_bn.communication` moves the
-headers.
+Nothing here communicates.
 """
 
+import collections
 import hashlib
 
 import numpy
 
 from chainer.utils import type_check
 
-#: Integers in a full header: 32 describe the input, 32 hold a text.
-HEADER_LEN = 64
-#: Where the text of a full header lies.
-HEADER_TEXT = slice(32, 64)
-#: Where the package version of a full header lies (up to 32 bytes).
-HEADER_VERSION = slice(26, 30)
-_MAGIC = 0x4d4e424e  # 'MNBN'
-_MAX_DIMS = 8
-
-#: Local problems a process reports in its header.
+#: Local problems a process reports in its record.
 OK = 0
 NOT_FLOAT = 1
 CHANNEL_MISMATCH = 2
@@ -68,19 +52,15 @@ _PROBLEMS = {
     RUNNING_MISMATCH: 'running_mean or running_var does not match gamma',
     WIDTH_CHANGED: 'the channel count changed since the first call',
 }
+# What Chainer's BatchNormalization type check rejects.
+_TYPE_PROBLEMS = (NOT_FLOAT, CHANNEL_MISMATCH, BAD_AXIS, DTYPE_MISMATCH,
+                  PARAM_MISMATCH, NO_BATCH_AXIS, RUNNING_MISMATCH)
 
+_MAX_DIMS = 8
 _DTYPES = ['float16', 'float32', 'float64', 'bfloat16', 'int8', 'int16',
            'int32', 'int64', 'uint8', 'bool', 'complex64', 'complex128']
 _BACKENDS = ['mpi', 'nccl']
 _DEVICES = ['cpu', 'gpu', 'other']
-
-
-def _code(name, table):
-    return table.index(name) if name in table else len(table)
-
-
-def _name(code, table):
-    return table[code] if 0 <= code < len(table) else 'other'
 
 
 def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
@@ -119,83 +99,119 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
     return OK
 
 
-def encode_header(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
-                  device, problem=OK, nonfinite=False, text=''):
-    """Packs one process's input description into ``HEADER_LEN`` int64,
-    with ``text`` (what the exchange is; cut to 256 bytes)."""
-    h = numpy.zeros(HEADER_LEN, dtype=numpy.int64)
-    h[0] = _MAGIC
-    h[1] = len(x_shape)
-    h[2:2 + min(len(x_shape), _MAX_DIMS)] = x_shape[:_MAX_DIMS]
-    h[10] = sum(1 << a for a in axis if 0 <= a < 62)
-    h[11] = len(param_shape)
-    h[12:12 + min(len(param_shape), _MAX_DIMS)] = tuple(
-        param_shape)[:_MAX_DIMS]
-    h[20] = _code(numpy.dtype(x_dtype).name, _DTYPES)
-    h[21] = _code(numpy.dtype(param_dtype).name, _DTYPES)
-    h[22] = _code(backend, _BACKENDS)
-    h[23] = _code(device, _DEVICES)
-    raw = package_version().encode('utf-8')[:8 * (
-        HEADER_VERSION.stop - HEADER_VERSION.start)]
-    h[HEADER_VERSION].view(numpy.uint8)[:len(raw)] = numpy.frombuffer(
-        raw, numpy.uint8)
-    return for_exchange(h, problem, nonfinite, text)
+# Where each field of a packed InputRecord lies, in int64 slots.
+_SLOTS = collections.OrderedDict()
+for _field, _width in (('magic', 1), ('shape', 1 + _MAX_DIMS), ('axis', 1),
+                       ('param_shape', 1 + _MAX_DIMS), ('dtype', 1),
+                       ('param_dtype', 1), ('backend', 1), ('device', 1),
+                       ('problem', 1), ('nonfinite', 1), ('version', 4),
+                       ('text', 32)):
+    _start = sum(s.stop - s.start for s in _SLOTS.values())
+    _SLOTS[_field] = slice(_start, _start + _width)
+#: int64 slots of a packed :class:`InputRecord`.
+RECORD_LEN = _SLOTS['text'].stop
+_MAGIC = 0x4d4e424e  # 'MNBN'
 
 
-def package_version():
-    """The version of :mod:`multinode_bn` this process runs."""
-    import multinode_bn  # late: this module is imported by the package
-    return str(multinode_bn.__version__)
+class InputRecord(collections.namedtuple('InputRecord', (
+        'shape', 'axis', 'param_shape', 'dtype', 'param_dtype', 'backend',
+        'device', 'problem', 'nonfinite', 'version', 'text', 'valid'))):
+    """One process's input and exchange, checked by every process at a
+    link's first call (and on any disagreement later).
+
+    ``text`` names the exchange (link, call, kind, configuration; at most
+    256 bytes), ``version`` the package's (at most 32 bytes). :meth:`pack`
+    gives :data:`RECORD_LEN` int64, the same size on every process.
+    """
+
+    def pack(self):
+        slots = numpy.zeros(RECORD_LEN, dtype=numpy.int64)
+
+        def put(field, values):
+            part = slots[_SLOTS[field]]
+            part[:len(values)] = values
+
+        put('magic', [_MAGIC])
+        for field in ('shape', 'param_shape'):
+            dims = tuple(getattr(self, field))
+            put(field, (len(dims),) + dims[:_MAX_DIMS])
+        put('axis', [sum(1 << a for a in self.axis if 0 <= a < 62)])
+        put('dtype', [_code(self.dtype, _DTYPES)])
+        put('param_dtype', [_code(self.param_dtype, _DTYPES)])
+        put('backend', [_code(self.backend, _BACKENDS)])
+        put('device', [_code(self.device, _DEVICES)])
+        put('problem', [self.problem])
+        put('nonfinite', [int(bool(self.nonfinite))])
+        for field in ('version', 'text'):
+            part = slots[_SLOTS[field]]
+            raw = getattr(self, field).encode('utf-8')[:8 * part.size]
+            part.view(numpy.uint8)[:len(raw)] = numpy.frombuffer(
+                raw, numpy.uint8)
+        return slots
+
+    @classmethod
+    def unpack(cls, slots):
+        def get(field):
+            return slots[_SLOTS[field]]
+
+        def dims(field):
+            part = get(field)
+            return tuple(int(d) for d in part[1:1 + min(int(part[0]),
+                                                        _MAX_DIMS)])
+
+        def text(field):
+            return bytes(numpy.ascontiguousarray(get(field)).view(
+                numpy.uint8)).rstrip(b'\0').decode('utf-8', 'replace')
+
+        axis_bits = int(get('axis')[0])
+        return cls(
+            shape=dims('shape'), param_shape=dims('param_shape'),
+            axis=tuple(i for i in range(62) if axis_bits >> i & 1),
+            dtype=_name(int(get('dtype')[0]), _DTYPES),
+            param_dtype=_name(int(get('param_dtype')[0]), _DTYPES),
+            backend=_name(int(get('backend')[0]), _BACKENDS),
+            device=_name(int(get('device')[0]), _DEVICES),
+            problem=int(get('problem')[0]),
+            nonfinite=bool(get('nonfinite')[0]),
+            version=text('version'), text=text('text'),
+            valid=int(get('magic')[0]) == _MAGIC)
+
+    @property
+    def agreeing(self):
+        """What must be equal on every process: all but the lengths of the
+        reduced axes (batch and image sizes may differ)."""
+        kept = tuple(n for i, n in enumerate(self.shape)
+                     if i not in self.axis)
+        return (len(self.shape), self.axis, kept, self.param_shape,
+                self.dtype, self.param_dtype, self.backend, self.device)
+
+    def __str__(self):
+        words = '{}x {} {} axis {} params {} {} on {} via {}'.format(
+            self.text + ': ' if self.text else '', self.dtype, self.shape,
+            self.axis, self.param_shape, self.param_dtype, self.device,
+            self.backend)
+        if self.problem:
+            words += ' <- ' + _PROBLEMS.get(self.problem, 'invalid input')
+        return words
 
 
-def _text(ints):
-    return bytes(numpy.ascontiguousarray(ints).view(numpy.uint8)).rstrip(
-        b'\0').decode('utf-8', 'replace')
+def input_record(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
+                 device, problem=OK, version=''):
+    """This process's :class:`InputRecord` (no text yet)."""
+    return InputRecord(
+        shape=tuple(x_shape), axis=tuple(axis),
+        param_shape=tuple(param_shape), dtype=numpy.dtype(x_dtype).name,
+        param_dtype=numpy.dtype(param_dtype).name, backend=backend,
+        device=device, problem=problem, nonfinite=False, version=version,
+        text='', valid=True)
 
 
-def for_exchange(header, problem=OK, nonfinite=False, text=''):
-    """A copy of ``header`` with this exchange's problem, non-finite flag
-    and ``text`` (what the exchange is; cut to 256 bytes)."""
-    h = header.copy()
-    h[24] = problem
-    h[25] = int(bool(nonfinite))
-    raw = text.encode('utf-8')[:8 * (HEADER_TEXT.stop - HEADER_TEXT.start)]
-    h[HEADER_TEXT] = 0
-    h[HEADER_TEXT].view(numpy.uint8)[:len(raw)] = numpy.frombuffer(
-        raw, numpy.uint8)
-    return h
+def _code(name, table):
+    return table.index(name) if name in table else len(table)
 
 
-def decode_header(h):
-    """The dict that :func:`encode_header` packed."""
-    ndim = int(h[1])
-    pdim = int(h[11])
-    return dict(
-        shape=tuple(int(d) for d in h[2:2 + min(ndim, _MAX_DIMS)]),
-        axis=tuple(i for i in range(62) if int(h[10]) >> i & 1),
-        param_shape=tuple(int(d) for d in h[12:12 + min(pdim, _MAX_DIMS)]),
-        dtype=_name(int(h[20]), _DTYPES),
-        param_dtype=_name(int(h[21]), _DTYPES),
-        backend=_name(int(h[22]), _BACKENDS),
-        device=_name(int(h[23]), _DEVICES),
-        problem=int(h[24]),
-        nonfinite=bool(h[25]),
-        valid=int(h[0]) == _MAGIC,
-        text=_text(h[HEADER_TEXT]),
-        version=_text(h[HEADER_VERSION]),
-    )
-
-
-def describe(decoded):
-    """One rank's exchange and input in words."""
-    text = '{}x {} {} axis {} params {} {} on {} via {}'.format(
-        decoded['text'] + ': ' if decoded['text'] else '',
-        decoded['dtype'], decoded['shape'], decoded['axis'],
-        decoded['param_shape'], decoded['param_dtype'], decoded['device'],
-        decoded['backend'])
-    if decoded['problem']:
-        text += ' <- ' + _PROBLEMS.get(decoded['problem'], 'invalid input')
-    return text
+def _name(code, table):
+    return table[code] if 0 <= code < len(table) else 'other'
 
 
 class InconsistentInputError(ValueError):
@@ -221,36 +237,25 @@ class InvalidInputTypeError(InconsistentInputError, type_check.InvalidType):
         return (type(self), self.args)
 
 
-# What Chainer's BatchNormalization type check rejects.
-_TYPE_PROBLEMS = (NOT_FLOAT, CHANNEL_MISMATCH, BAD_AXIS, DTYPE_MISMATCH,
-                  PARAM_MISMATCH, NO_BATCH_AXIS, RUNNING_MISMATCH)
-
-
-def agreeing_part(h):
-    """The part of a header that must be equal on every process."""
-    # The reduced axes may differ in length between processes (batch size,
-    # image size): the counts travel with the statistics. All else must
-    # agree.
-    d = decode_header(h)
-    key = tuple(n for i, n in enumerate(d['shape']) if i not in d['axis'])
-    return (len(d['shape']), d['axis'], key, d['param_shape'], d['dtype'],
-            d['param_dtype'], d['backend'], d['device'])
-
-
-def check_headers(headers, rank, label):
-    """Raises the same :class:`InconsistentInputError` on every process.
+def check_records(packed, rank, label):
+    """Raises the same :class:`InconsistentInputError` on every process
+    unless all records agree and none reports a problem.
 
     It is an :class:`InvalidInputTypeError` (also a Chainer
     ``InvalidType``) when some rank's input is one that Chainer's type check
     would reject.
 
     Args:
-        headers (ndarray): ``(size, HEADER_LEN)`` headers of all processes.
+        packed (ndarray): ``(size, RECORD_LEN)`` packed records of all
+            processes, in rank order.
         rank (int): This process's rank (named in the message).
         label (str): The link or call being checked.
+
+    Returns:
+        list: The unpacked records.
     """
-    decoded = [decode_header(h) for h in headers]
-    versions = [d['version'] for d in decoded]
+    records = [InputRecord.unpack(p) for p in packed]
+    versions = [r.version for r in records]
     if any(v != versions[0] for v in versions):
         # Checked first: other versions may describe inputs differently.
         raise InconsistentInputError(
@@ -259,43 +264,42 @@ def check_headers(headers, rank, label):
             .format(label, rank, '\n'.join(
                 '  rank {}: multinode_bn {}'.format(r, v or 'unknown')
                 for r, v in enumerate(versions))))
-    problems = [r for r, d in enumerate(decoded)
-                if d['problem'] or not d['valid']]
-    parts = [agreeing_part(h) for h in headers]
-    disagree = any(p != parts[0] for p in parts)
-    texts = [d['text'] for d in decoded]
-    exchanges_differ = any(t != texts[0] for t in texts)
-    if not problems and not disagree and not exchanges_differ:
-        return
-    lines = ['  rank {}: {}'.format(r, describe(d))
-             for r, d in enumerate(decoded)]
+    problems = [r for r, rec in enumerate(records)
+                if rec.problem or not rec.valid]
     if problems:
         what = 'invalid input on rank(s) {}'.format(
             ', '.join(str(r) for r in problems))
-    elif exchanges_differ:
+    elif any(rec.text != records[0].text for rec in records):
         what = ('processes are in different exchanges (each must call the '
                 'same links, in the same order, the same number of times, '
                 'forward and backward alike, with the same configuration)')
-    else:
+    elif any(rec.agreeing != records[0].agreeing for rec in records):
         what = ('processes disagree on what they feed it (channels, dtype, '
                 'number of dimensions, axis, backend or device must match; '
                 'only the reduced axes may differ in length)')
+    else:
+        return records
     error = InconsistentInputError
-    if any(decoded[r]['problem'] in _TYPE_PROBLEMS for r in problems):
+    if any(records[r].problem in _TYPE_PROBLEMS for r in problems):
         error = InvalidInputTypeError
     raise error(
         '{} (raised on rank {}): {}.\n{}\nFix the input of the named rank(s);'
         ' every rank raises this same error.'.format(
-            label, rank, what, '\n'.join(lines)))
+            label, rank, what, '\n'.join(
+                '  rank {}: {}'.format(r, rec)
+                for r, rec in enumerate(records))))
 
 
-#: 16-bit pieces of the 64-bit digest in an in-band header.
+#: 16-bit pieces of the 64-bit digest in a tag.
 DIGEST_PIECES = 4
-#: Numbers in an in-band header: a count, each piece and its square, the
-#: number of processes with a local problem and with non-finite values,
-#: and the samples per channel (forward exchanges; 0 in the others).
-INBAND_LEN = 4 + 2 * DIGEST_PIECES
-_PROBLEM_AT = 1 + 2 * DIGEST_PIECES
+# Where the numbers after the digest lie in a tag.
+_PROBLEMS_AT = 1 + 2 * DIGEST_PIECES
+_NONFINITE_AT = _PROBLEMS_AT + 1
+_SAMPLES_AT = _PROBLEMS_AT + 2
+#: Numbers in a tag: 1 (it counts the processes), each digest piece and its
+#: square, the processes with a problem, those with non-finite values, and
+#: the samples per channel (forward exchanges; 0 in the others).
+TAG_LEN = _SAMPLES_AT + 1
 
 
 def exchange_digest(identity):
@@ -306,8 +310,8 @@ def exchange_digest(identity):
     return tuple((value >> (16 * i)) & 0xFFFF for i in range(DIGEST_PIECES))
 
 
-def inband_header(digest, problem=OK, nonfinite=False, samples=0):
-    """The float64 header summed inside every statistics exchange.
+def exchange_tag(digest, problem=OK, nonfinite=False, samples=0):
+    """The float64 tag summed inside every statistics exchange.
 
     ``samples`` (this process's samples per channel) sums to the global
     count on the host, whichever backend moves the statistics: the count
@@ -320,13 +324,8 @@ def inband_header(digest, problem=OK, nonfinite=False, samples=0):
     return numpy.array(values, dtype=numpy.float64)
 
 
-def inband_samples(summed):
-    """The global samples per channel of a summed :func:`inband_header`."""
-    return float(summed[_PROBLEM_AT + 2])
-
-
-def inband_agrees(summed):
-    """Whether a summed :func:`inband_header` shows one digest everywhere,
+def tag_agrees(summed):
+    """Whether a summed :func:`exchange_tag` shows one digest everywhere,
     no problem and no non-finite values.
 
     The pieces are all equal exactly when ``n * sum(d^2) == sum(d)^2``
@@ -340,9 +339,9 @@ def inband_agrees(summed):
     for i in range(DIGEST_PIECES):
         if n * values[2 + 2 * i] != values[1 + 2 * i] ** 2:
             return False
-    return values[_PROBLEM_AT] == 0 and values[_PROBLEM_AT + 1] == 0
+    return values[_PROBLEMS_AT] == 0 and values[_NONFINITE_AT] == 0
 
 
-def nonfinite_ranks(headers):
-    """Ranks whose header says their local statistics were not finite."""
-    return [r for r, h in enumerate(headers) if decode_header(h)['nonfinite']]
+def tag_samples(summed):
+    """The global samples per channel of a summed :func:`exchange_tag`."""
+    return float(summed[_SAMPLES_AT])

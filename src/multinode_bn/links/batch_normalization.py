@@ -84,13 +84,14 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
 
     @property
     def label(self):
-        """How error and stall reports name this link (its path in the
-        model after :func:`~multinode_bn.create_mnbn_model`)."""
-        return self._impl_selector.label
+        """How error and stall reports name this link: its path in the
+        model after :func:`~multinode_bn.create_mnbn_model`, otherwise its
+        name in its parent and the order of its first synchronized call."""
+        return self._impl_selector.protocol.label
 
     @label.setter
     def label(self, value):
-        self._impl_selector.label = value
+        self._impl_selector.protocol.label = value
 
     @property
     def communication_backend(self):
@@ -175,15 +176,12 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
             decay = 1. - 1. / (self.N + 1)
         else:
             decay = self.decay
-        self._impl_selector.link_config = (
-            ('use_gamma', self.gamma is not None),
-            ('use_beta', self.beta is not None),
-            ('finetune', bool(finetune)))
-        self._impl_selector.link_name = self.name
-        y = _mnbn.multi_node_batch_normalization(
-            x, gamma, beta, self._impl_selector, eps=self.eps,
-            running_mean=avg_mean, running_var=avg_var, decay=decay,
-            axis=self.axis)
+        y = _mnbn.synchronized_batch_normalization(
+            self._impl_selector, x, gamma, beta, self.eps, avg_mean,
+            avg_var, decay, self.axis, link_config=(
+                ('use_gamma', self.gamma is not None),
+                ('use_beta', self.beta is not None),
+                ('finetune', bool(finetune))), name=self.name)
         if finetune and not chainer.config.in_recomputing:
             # Counted only once the call has succeeded, so a failed call
             # leaves every persistent as it was.

@@ -1,0 +1,287 @@
+"""The exchange protocol of one synchronized link.
+
+What a link remembers between calls so that its exchanges pair up across
+processes, and only with each other: its label and the order of its first
+synchronized call on its communicator, its call count, the inputs already
+recorded, the width of its exchanges and the shift of the exchanged sums.
+
+A call starts with :meth:`LinkProtocol.begin_call`, which checks the input
+(across processes at the link's first call, in-band afterwards) and returns
+the :class:`Call` that every exchange of that call names. Every exchange
+carries the digest of its identity (kind, label, number, call, width,
+configuration, input) in its tag; processes in different exchanges, with a
+bad input or (debug mode) non-finite statistics all raise the same error
+before any output or state is produced.
+"""
+
+import collections
+import functools
+
+import numpy
+
+from chainer import backend
+from chainer.functions.normalization import batch_normalization as _bn
+
+from multinode_bn import communication
+from multinode_bn import statistics
+from multinode_bn import validation
+
+
+class Call(collections.namedtuple('Call', (
+        'number', 'record', 'problem', 'config', 'identity'))):
+    """One call of a link: its number, this process's
+    :class:`~multinode_bn.validation.InputRecord`, its local problem, the
+    configuration every process must share (``(name, value)`` pairs), and
+    what all its exchanges share in their identity."""
+
+
+class LinkProtocol(object):
+    """The exchanges of one synchronized link.
+
+    Args:
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``.
+        backend_name (str): ``'mpi'`` or ``'nccl'``.
+    """
+
+    def __init__(self, comm, backend_name):
+        self.comm = comm
+        self.backend_name = backend_name
+        self.exchange = communication.create_exchange(comm, backend_name)
+        #: The link's name in its parent (``link.name``), if any.
+        self.name = None
+        self._label = None
+        # The order of the first synchronized call among the links on the
+        # communicator: links never called, or called on some processes
+        # only in evaluation mode, take no number.
+        self._number = None
+        self.calls = 0
+        self._records = {}
+        self._sequence = 0
+        # The shift of the exchanged sums: the same on every process (the
+        # previous global mean of this link); zero before the first one.
+        self._shift = None
+
+    @property
+    def label(self):
+        """How reports and identities name the link: its path after
+        :func:`~multinode_bn.create_mnbn_model` (or any label set),
+        otherwise its name in its parent and its first-call number."""
+        if self._label is not None:
+            return self._label
+        label = 'MultiNodeBatchNormalization' + (
+            '' if self.name is None else " '{}'".format(self.name))
+        if self._number is not None:
+            label += ' #{}'.format(self._number)
+        return label
+
+    @label.setter
+    def label(self, value):
+        self._label = value
+
+    def exchange_name(self, kind, call):
+        """What an exchange is, in words, for stall and error reports."""
+        record = call.record
+        return '{} exchange of {} (call {}, x {} {})'.format(
+            kind, self.label, call.number, record.dtype, record.shape)
+
+    def begin_call(self, x, gamma, beta, axis, config, running=(),
+                   name=None):
+        """Counts a call and checks its input across processes.
+
+        Every argument is checked locally first (``running``: the running
+        statistics to update). At the link's first call the processes
+        gather each other's :class:`~multinode_bn.validation.InputRecord`;
+        later a local problem travels in the tag of the call's first
+        exchange. Either way a problem on any process raises the same
+        :class:`~multinode_bn.validation.InconsistentInputError` on all of
+        them, before anything is computed or updated.
+
+        Returns:
+            Call: What the call's exchanges name.
+        """
+        self.exchange.admit(lambda: 'call of ' + self.label)
+        self.calls += 1
+        if name is not None:
+            self.name = name
+        arrays = [v.raw_array if hasattr(v, 'raw_array') else v
+                  for v in (x, gamma, beta)]
+        # The logical shape: a Variable in a memory layout (channels last)
+        # holds its array in another axis order.
+        key = (tuple(x.shape), axis, tuple(
+            (a.shape, a.dtype, type(a)) for a in arrays[1:]),
+            arrays[0].dtype, type(arrays[0]),
+            tuple(getattr(r, 'shape', None) for r in running))
+        record = self._records.get(key)
+        if record is None:
+            if len(self._records) > 64:
+                self._records.clear()
+            record = self._records[key] = self._record(
+                tuple(x.shape), arrays, axis, running)
+        width = validation.TAG_LEN + 1 + 2 * arrays[1].size
+        problem = record.problem
+        agreed = self.exchange.width is not None
+        if agreed and not problem and width != self.exchange.width:
+            problem = validation.WIDTH_CHANGED
+        if self._number is None and not agreed:
+            self._number = _first_call_number(self.comm)
+        config = tuple(config)
+        call = Call(self.calls, record, problem, config, repr((
+            self.label, self._number, self.calls, width, config,
+            record.agreeing)))
+        if not agreed:
+            self._check_records('input check', call)
+            self.exchange.width = width
+        elif problem:
+            # Take part in this call's exchange all the same, so that every
+            # process learns of the problem in one collective.
+            xp = backend.get_array_module(arrays[1])
+            self.exchange_moments(call, xp.zeros(
+                ((self.exchange.width - validation.TAG_LEN - 1) // 2, 3),
+                statistics.MOMENTS_DTYPE), 0)
+        return call
+
+    def _record(self, x_shape, arrays, axis, running):
+        x, gamma, beta = arrays
+        if isinstance(axis, int):
+            axis = (axis,)
+        axis = tuple(_bn._compute_axis(
+            len(x_shape), gamma.ndim, axis))
+        x_device, p_device = _device_kind(x), _device_kind(gamma)
+        problem = validation.local_problem(
+            x_shape, x.dtype, gamma.shape, gamma.dtype, beta.dtype, axis,
+            self.backend_name, x_device, p_device, beta_shape=beta.shape,
+            running_shapes=[r.shape for r in running if r is not None])
+        return validation.input_record(
+            x_shape, x.dtype, gamma.shape, gamma.dtype, axis,
+            self.backend_name, x_device, problem, _package_version())
+
+    def _check_records(self, kind, call, nonfinite=False):
+        text = '{} call {} {} exchange, {}'.format(
+            self.label, call.number, kind, ' '.join(
+                '{}={}'.format(name, value) for name, value in call.config))
+        record = call.record._replace(problem=call.problem,
+                                      nonfinite=nonfinite, text=text)
+        packed = self.exchange.allgather_record(
+            record.pack(), lambda: self.exchange_name(kind, call))
+        return validation.check_records(packed, self.exchange.rank,
+                                        self.label)
+
+    def _exchange(self, call, kind, buf, nonfinite=False, samples=0):
+        """``buf`` (float64) summed over processes, and the summed tag."""
+        tag = validation.exchange_tag(
+            validation.exchange_digest((kind, call.identity)),
+            call.problem, nonfinite, samples)
+        describe = functools.partial(self.exchange_name, kind, call)
+        self.exchange.admit(describe)
+        if self.exchange.size == 1:
+            sums, summed = buf, tag
+        else:
+            sums, summed = self.exchange.allreduce_sums(
+                buf, tag, describe, proceed=validation.tag_agrees)
+        if not validation.tag_agrees(summed):
+            self._disagreement(kind, call, nonfinite)
+        return sums, summed
+
+    def exchange_sums(self, call, kind, buf, nonfinite=False):
+        """Sums ``buf`` (float64) over processes, as exchange ``kind`` of
+        ``call``; raises on every process if any process is in another
+        exchange, had a problem or (debug mode) non-finite values."""
+        return self._exchange(call, kind, buf, nonfinite)[0]
+
+    def exchange_pieces(self, call, buf):
+        """:meth:`exchange_sums` for a buffer of any length: the link's
+        exchanges all have its width, so a longer one goes in pieces, each
+        a ``double backward`` exchange numbered in the order processes make
+        them."""
+        piece = self.exchange.width - validation.TAG_LEN
+        parts = []
+        for start in range(0, buf.size, piece):
+            self._sequence += 1
+            parts.append(self.exchange_sums(
+                call, 'double backward #{}'.format(self._sequence),
+                buf[start:start + piece]))
+        xp = backend.get_array_module(buf)
+        return xp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _disagreement(self, kind, call, nonfinite):
+        """Every process is here together (they read the same sums): the
+        records name what differs, and all raise the same error."""
+        records = self._check_records(kind, call, nonfinite)
+        bad = [r for r, record in enumerate(records) if record.nonfinite]
+        if bad:
+            raise FloatingPointError(
+                '{}: non-finite {} statistics from rank(s) {} (call {}, '
+                'raised on rank {}). Check the input of those ranks.'.format(
+                    self.label, kind, ', '.join(map(str, bad)), call.number,
+                    self.exchange.rank))
+        raise validation.InconsistentInputError(
+            '{} (raised on rank {}): processes disagree on the {} exchange '
+            'of call {}.'.format(self.label, self.exchange.rank, kind,
+                                 call.number))
+
+    def exchange_moments(self, call, moments, samples, eps=0.0,
+                         nonfinite=False):
+        """Global ``(count, mean, m2)`` from local ones, and the global
+        count as a host number (``samples``: the local count).
+
+        One collective of sums around the shared shift (the previous global
+        mean of this link). Should the new mean lie far from it (the first
+        call, or a jump of the data), the sums are exchanged once more
+        around the mean just found: every process sees the same numbers,
+        so all of them decide alike.
+        """
+        xp = backend.get_array_module(moments)
+        shift = self._shift
+        if (shift is None or shift.shape[0] != moments.shape[0]
+                or backend.get_device_from_array(shift)
+                != backend.get_device_from_array(moments)):
+            # First call, or the link moved to another device.
+            shift = xp.zeros(moments.shape[0], statistics.MOMENTS_DTYPE)
+        sums, summed = self._exchange(
+            call, 'forward',
+            statistics.moments_to_shifted_sums(xp, moments, shift),
+            nonfinite, samples)
+        count = validation.tag_samples(summed)
+        if self.exchange.size == 1:
+            return moments, count
+        merged = statistics.shifted_sums_to_moments(xp, sums, shift)
+        if statistics.shift_too_far(merged, shift, eps):
+            shift = merged[:, 1]
+            sums = self.exchange_sums(
+                call, 'forward again',
+                statistics.moments_to_shifted_sums(xp, moments, shift))
+            merged = statistics.shifted_sums_to_moments(xp, sums, shift)
+        mean = merged[:, 1]
+        self._shift = xp.where(xp.isfinite(mean), mean, shift)
+        return merged, count
+
+
+def _device_kind(a):
+    if isinstance(a, numpy.ndarray):
+        return 'cpu'
+    if type(a).__module__.startswith('cupy'):
+        return 'gpu'
+    return 'other'
+
+
+def _package_version():
+    import multinode_bn  # late: the package imports this module
+    return str(multinode_bn.__version__)
+
+
+_first_call_numbers = {}
+
+
+def _first_call_number(comm):
+    """The next number of a link's first synchronized call on ``comm``
+    (the same on every process that makes its links' first calls on
+    ``comm`` in the same order), or ``None`` for a one-process
+    communicator, which never exchanges."""
+    mpi_comm = communication.mpi_comm_of(comm)
+    if mpi_comm.Get_size() == 1:
+        return None
+    # Keyed by the communicator object, kept alive with its count so that
+    # its id is never reused.
+    entry = _first_call_numbers.setdefault(id(mpi_comm), [mpi_comm, 0])
+    entry[1] += 1
+    return entry[1]
