@@ -175,40 +175,6 @@ def population_mean_and_variance(moments):
     return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
 
 
-def local_moments_float64(x, axis):
-    """``(count, mean, m2)`` per channel of ``x``, computed in float64.
-
-    The plain two-pass formula (mean, then squared deviations from it) over
-    a float64 copy: this pass runs once before an evaluation, so it favours
-    exactness over the speed and memory of the link's statistics backends,
-    whatever the input's dtype and memory order.
-
-    Args:
-        x (:ref:`ndarray`): Input, NumPy or CuPy, in its logical shape.
-        axis (tuple of ints): Axes reduced over.
-
-    Returns:
-        :ref:`ndarray`: float64 ``(C, 3)``, ``C`` the number of channels
-        (the product of the kept axes), on the device of ``x``.
-    """
-    xp = backend.get_array_module(x)
-    keep = [i for i in range(x.ndim) if i not in axis]
-    channels = 1
-    for i in keep:
-        channels *= x.shape[i]
-    count = x.size // max(channels, 1)
-    moments = xp.zeros((channels, 3), dtype=numpy.float64)
-    moments[:, 0] = count
-    if count:
-        x64 = x.astype(numpy.float64)
-        mean = x64.mean(axis=axis, keepdims=True)
-        x64 -= mean
-        moments[:, 1] = mean.ravel()
-        # Channels run over the kept axes in their order, as avg_mean.
-        moments[:, 2] = xp.square(x64, out=x64).sum(axis=axis).ravel()
-    return moments
-
-
 _HOOK_NAME = 'multinode_bn.population_statistics'
 
 
@@ -243,13 +209,28 @@ class _MomentRecorder(chainer.LinkHook):
         x = memory_layouts._transpose_array(x, layout, None)
         axis = tuple(_bn._compute_axis(x.ndim, link.avg_mean.ndim,
                                        link.axis))
-        moments = communication.to_host(local_moments_float64(x, axis))
+        moments = _local_moments(x, axis)
         key = id(link)
         if key in self.moments:
             moments = statistics.merge_moments(numpy, self.moments[key],
                                                moments)
         self.moments[key] = moments
         self.calls[key] = self.calls.get(key, 0) + 1
+
+
+def _local_moments(x, axis):
+    """Host float64 ``(C, 3)`` ``(count, mean, m2)`` of one input, channels
+    in the order of the kept axes (that of ``avg_mean``)."""
+    layout = statistics.Layout.of(x, axis)
+    if layout.shape3[0] * layout.shape3[2] == 0:
+        # The statistics layer needs a sample; an empty batch (a process
+        # whose data ran out) adds nothing but its call.
+        return numpy.zeros((layout.shape3[1], 3), dtype=numpy.float64)
+    # Computed in float64 whatever the input's dtype: this pass runs once
+    # before an evaluation and favours exactness over speed.
+    reference = statistics.ReferenceStatistics(
+        backend.get_array_module(x), numpy.float64)
+    return communication.to_host(reference.local_moments(layout.view(x)))
 
 
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
