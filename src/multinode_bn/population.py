@@ -126,7 +126,8 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
     forward = model if forward is None else forward
     targets, seen = [], set()
     for path, link in model.namedlinks():
-        if _is_target(link) and id(link) not in seen:  # shared links once
+        # A link shared under several names is updated once.
+        if _gets_population_statistics(link) and id(link) not in seen:
             seen.add(id(link))
             targets.append((path, link))
     saved = _save_persistents(model)
@@ -178,7 +179,7 @@ def population_mean_and_variance(moments):
 _HOOK_NAME = 'multinode_bn.population_statistics'
 
 
-def _is_target(link):
+def _gets_population_statistics(link):
     return (isinstance(link, MultiNodeBatchNormalization)
             or type(link) is L.BatchNormalization)
 
@@ -243,7 +244,7 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
     step = 0
     probed = False
     while n_batches is None or step < n_batches:
-        in_arrays, status = None, None
+        in_arrays, report = None, None
         if not exhausted:
             try:
                 if n_batches is None and getattr(iterator, 'repeat', False):
@@ -254,13 +255,13 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                 if len(batch):
                     in_arrays = convert._call_converter(converter, batch,
                                                         device)
-                    status = _describe(in_arrays)
+                    report = _batch_signature(in_arrays)
             except StopIteration:
                 exhausted = True
             except Exception as e:
-                status = ('error', '{}: {}'.format(type(e).__name__, e))
-        statuses = communication.allgather_objects(mpi_comm, status)
-        errors = [(r, s[1]) for r, s in enumerate(statuses)
+                report = ('error', '{}: {}'.format(type(e).__name__, e))
+        reports = communication.allgather_objects(mpi_comm, report)
+        errors = [(r, s[1]) for r, s in enumerate(reports)
                   if s is not None and s[0] == 'error']
         if errors:
             raise RuntimeError(
@@ -269,21 +270,21 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                     mpi_comm.rank, step, ', '.join(str(r) for r, _ in errors),
                     '\n'.join('  rank {}: {}'.format(r, m)
                               for r, m in errors)))
-        template = next((s for s in statuses if s is not None), None)
+        template = next((s for s in reports if s is not None), None)
         if template is None:
             break  # no process has data left
-        if not probed and None in statuses:
+        if not probed and None in reports:
             probed = True
             _probe_empty_batch(forward, template, device, recorder, step,
-                               statuses, mpi_comm.rank)
+                               reports, mpi_comm.rank)
         if in_arrays is None:
             in_arrays = _empty_batch(template, device)
-        _call(forward, in_arrays)
+        _call_forward(forward, in_arrays)
         step += 1
     return step
 
 
-def _call(forward, in_arrays):
+def _call_forward(forward, in_arrays):
     if isinstance(in_arrays, tuple):
         return forward(*in_arrays)
     if isinstance(in_arrays, dict):
@@ -291,7 +292,7 @@ def _call(forward, in_arrays):
     return forward(in_arrays)
 
 
-def _probe_empty_batch(forward, template, device, recorder, step, statuses,
+def _probe_empty_batch(forward, template, device, recorder, step, reports,
                        rank):
     """Runs the model on an empty batch on *every* process, unrecorded.
 
@@ -308,9 +309,9 @@ def _probe_empty_batch(forward, template, device, recorder, step, statuses,
             # gives a zero output would be false.
             for message in _ZERO_OUTPUT_WARNINGS:
                 warnings.filterwarnings('ignore', message=message)
-            _call(forward, _empty_batch(template, device))
+            _call_forward(forward, _empty_batch(template, device))
     except Exception as e:
-        empty = [r for r, s in enumerate(statuses) if s is None]
+        empty = [r for r, s in enumerate(reports) if s is None]
         raise RuntimeError(
             'update_population_statistics (raised on rank {}): rank(s) {} '
             'have no data for batch {}, and the model does not accept an '
@@ -329,12 +330,14 @@ _ZERO_OUTPUT_WARNINGS = (
     'F.batch_normalization received a batch with single')
 
 
-def _describe(in_arrays):
-    """The structure, sample shapes and dtypes of converted arrays."""
+def _batch_signature(in_arrays):
+    """What an empty batch must copy of converted arrays: their structure
+    (tuple, dict or array), sample shapes and dtypes."""
     if isinstance(in_arrays, tuple):
-        return ('tuple', [_describe(a) for a in in_arrays])
+        return ('tuple', [_batch_signature(a) for a in in_arrays])
     if isinstance(in_arrays, dict):
-        return ('dict', {k: _describe(a) for k, a in in_arrays.items()})
+        return ('dict', {k: _batch_signature(a)
+                         for k, a in in_arrays.items()})
     if isinstance(in_arrays, chainer.Variable):
         in_arrays = in_arrays.array
     shape = getattr(in_arrays, 'shape', None)
@@ -347,13 +350,13 @@ def _describe(in_arrays):
     return ('array', tuple(shape[1:]), numpy.dtype(dtype).str)
 
 
-def _empty_batch(description, device):
-    kind = description[0]
+def _empty_batch(signature, device):
+    kind = signature[0]
     if kind == 'tuple':
-        return tuple(_empty_batch(d, device) for d in description[1])
+        return tuple(_empty_batch(d, device) for d in signature[1])
     if kind == 'dict':
-        return {k: _empty_batch(d, device) for k, d in description[1].items()}
-    _, sample_shape, dtype = description
+        return {k: _empty_batch(d, device) for k, d in signature[1].items()}
+    _, sample_shape, dtype = signature
     empty = numpy.zeros((0,) + tuple(sample_shape), dtype=dtype)
     return empty if device is None else device.send(empty)
 
