@@ -1,22 +1,11 @@
-"""Exact population statistics of batch normalization over all processes.
+"""Exact population statistics ("precise BN") over the data of all processes.
 
-Running averages with a decay of 0.9 over small batches are noisy estimates
-of the statistics a model sees at evaluation time. "Precise BN" recomputes
-them: with the parameters fixed, the model is run in training mode over many
-batches and each BN's ``avg_mean``/``avg_var`` is set to the mean and
-unbiased variance of *all* the inputs it saw.
-
-:func:`update_population_statistics` does this across processes: a link hook
-records the local moments ``(count, mean, m2)`` of every call of every
-batch normalization, the calls' moments are merged with
-:func:`~multinode_bn.statistics.merge_moments` in float64, and at the end each
-process gathers every process's merged moments once and merges them in rank
-order, so all processes end with bit-identical statistics.
-
-Its exchanges (one small object exchange per batch, so that processes
-whose data ran out can still join every synchronized call, and one exchange
-of moments at the end) go through
-:func:`multinode_bn.communication.allgather_objects`.
+Running averages over small batches are noisy estimates of the statistics a
+model sees at evaluation time; :func:`update_population_statistics`
+recomputes them with the parameters fixed. A link hook records the moments
+of every call, merged in float64; at the end each process gathers every
+process's merged moments once and merges them in rank order, so that all
+processes end with the same bits.
 """
 
 import warnings
@@ -42,70 +31,37 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
                                  device=None, forward=None):
     """Sets every batch normalization's statistics to those of a dataset.
 
-    Runs ``n_batches`` global batches through ``model`` in training mode
-    without backpropagation (each process draws its own batch from its own
-    ``iterator``, its shard) and sets ``avg_mean`` and ``avg_var`` of every
+    Runs the model in training mode without backpropagation over
+    ``n_batches`` global batches, each process drawing from its own
+    ``iterator``, and sets ``avg_mean`` and ``avg_var`` of every
     :class:`~multinode_bn.MultiNodeBatchNormalization` to the exact mean and
-    unbiased variance of all the inputs it received over all these calls on
-    all processes of its communicator: count-weighted, merged in float64
-    with :func:`~multinode_bn.statistics.merge_moments`, and bit-identical on
-    every process. The previous statistics do not contribute (no decay is
-    involved). ``N`` becomes the number of calls, as the fine-tuning mode
-    would have counted them.
+    unbiased variance of all the inputs it received on all processes of its
+    communicator (bit-identical on every process), and ``N`` to the number
+    of its calls. A plain :class:`chainer.links.BatchNormalization` gets the
+    statistics of its own process's inputs. Parameters, gradients and other
+    persistent values are left as they were.
 
-    A plain :class:`chainer.links.BatchNormalization` in the model gets the
-    exact statistics of the inputs *its own process* saw: it does not
-    communicate, so its statistics stay per process. Subclasses with other
-    semantics (such as ``L.BatchRenormalization``) keep their statistics.
-
-    Nothing else of the model changes: parameters, gradients, the optimizer
-    and every other persistent value are as before (running statistics that
-    the forward passes update on the way are restored). A batch
-    normalization that received no input at all on any process keeps its
-    statistics, with a warning.
-
-    The iterator is advanced by the batches drawn and is not rewound; pass a
-    dedicated iterator (or call its ``reset()`` first) to keep the training
-    iterator's position. Every process makes the same number of forward
-    calls: at each step the processes tell each other whether they have a
-    batch; a process whose iterator is exhausted (``StopIteration``), yields
-    an empty batch or iterates over an empty ``dataset`` runs the model on
-    an empty batch (zero samples, the sample shape of the lowest rank that
-    has data), which the synchronized links accept, so uneven and empty
-    shards cannot hang the others. The pass ends after ``n_batches``
-    steps, or earlier when no process has data left. The first time a
-    process has no data, every process first runs the model on an empty
-    batch (unrecorded), so that a model that refuses one (max pooling does)
-    raises the same ``RuntimeError`` on every process instead of hanging;
-    give such a model data on every process for every batch (equal shards,
-    or ``n_batches`` with repeating iterators). An error while reading or
-    converting a batch on any process also raises the same
-    ``RuntimeError`` on every process, naming it.
-
-    Dropout and other training-mode behaviour are active during the pass,
-    as during training.
+    Every process makes the same synchronized calls: one whose data ran out
+    runs the model on an empty batch, and a failure on one process (reading
+    a batch, or a model that refuses an empty batch) raises the same
+    ``RuntimeError`` on every process. The iterator is advanced, not
+    rewound.
 
     Args:
-        model (~chainer.Link): The model; it is called as
-            ``forward(*in_arrays)`` (or ``forward(**in_arrays)`` for a dict,
-            ``forward(in_arrays)`` otherwise), as Chainer's ``Evaluator``
-            calls its ``eval_func``.
-        iterator: This process's dataset iterator (its shard of the data),
-            for example a ``SerialIterator`` over the output of
-            ``chainermn.scatter_dataset``.
+        model (~chainer.Link): The model whose batch normalizations are
+            updated.
+        iterator: This process's iterator over its shard of the data.
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` spanning every
-            process that runs the model; the synchronized links merge their
-            statistics over their own communicator.
-        n_batches (int or None): Number of global batches. ``None`` runs
+            process that runs the model.
+        n_batches (int or None): Number of global batches; ``None`` runs
             until every process's iterator is exhausted (it must not
             repeat).
         converter: Turns a list of examples into input arrays, as for
-            Chainer's ``Evaluator``
-            (:func:`chainer.dataset.concat_examples` by default).
-        device: Device the converter sends the arrays to (and where empty
-            batches are made), as for Chainer's ``Evaluator``.
-        forward (callable): What to call instead of ``model``, for example
-            ``model.predictor``.
+            Chainer's ``Evaluator``.
+        device: Device the converter sends the arrays to.
+        forward (callable): What to call instead of ``model``, as
+            ``forward(*in_arrays)``, ``forward(**in_arrays)`` or
+            ``forward(in_arrays)`` for a tuple, a dict or an array.
 
     Returns:
         int: The number of global batches run (equal on every process).
