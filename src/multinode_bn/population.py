@@ -8,6 +8,7 @@ process's merged moments once and merges them in rank order, so that all
 processes end with the same bits.
 """
 
+import contextlib
 import warnings
 
 import numpy
@@ -80,36 +81,39 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
     if device is not None:
         device = backend.get_device(device)
     forward = model if forward is None else forward
-    targets, seen = [], set()
+    targets = {}  # id -> (path, link): a link shared under two names once
     for path, link in model.namedlinks():
-        # A link shared under several names is updated once.
-        if _gets_population_statistics(link) and id(link) not in seen:
-            seen.add(id(link))
-            targets.append((path, link))
-    saved = _save_persistents(model)
+        # Other subclasses of L.BatchNormalization (L.BatchRenormalization)
+        # mean something else by their statistics.
+        if (isinstance(link, MultiNodeBatchNormalization)
+                or type(link) is L.BatchNormalization):
+            targets.setdefault(id(link), (path, link))
     recorder = _MomentRecorder()
-    for _, link in targets:
+    for _, link in targets.values():
         link.add_hook(recorder, name=_HOOK_NAME)
     try:
-        with chainer.using_config('train', True), \
+        with _persistents_kept(model), chainer.using_config('train', True), \
                 chainer.using_config('enable_backprop', False):
             steps = _run_batches(forward, iterator, mpi_comm, n_batches,
                                  converter, device, recorder)
-        merged = _merge_over_processes(targets, recorder)
-    except BaseException:
-        _restore_persistents(saved)
-        raise
+        merged = _merge_over_processes(targets, recorder.recorded)
     finally:
-        for _, link in targets:
+        for _, link in targets.values():
             link.delete_hook(_HOOK_NAME)
-    _restore_persistents(saved)
     unseen = []
-    for path, link in targets:
+    for path, link in targets.values():
         moments, calls = merged[id(link)]
         if moments is None or not (moments[:, 0] > 0).all():
             unseen.append(path)
             continue
-        _set_statistics(link, population_mean_and_variance(moments), calls)
+        mean, var = population_mean_and_variance(moments)
+        for name, value in (('avg_mean', mean), ('avg_var', var)):
+            current = getattr(link, name)
+            # Sent to the persistent's own device, which need not be the
+            # current one.
+            current[...] = backend.get_device_from_array(current).send(
+                value.reshape(current.shape).astype(current.dtype))
+        link.N = calls
     if unseen:
         warnings.warn(
             'update_population_statistics: {} received no input on any '
@@ -135,44 +139,28 @@ def population_mean_and_variance(moments):
 _HOOK_NAME = 'multinode_bn.population_statistics'
 
 
-def _gets_population_statistics(link):
-    return (isinstance(link, MultiNodeBatchNormalization)
-            or type(link) is L.BatchNormalization)
-
-
 class _MomentRecorder(chainer.LinkHook):
-    """Merges the local moments of every call of the hooked links."""
+    """Merges the moments of every input of the hooked links."""
 
     name = _HOOK_NAME
 
     def __init__(self):
-        self.moments = {}  # id(link) -> float64 (C, 3) moments
-        self.calls = {}    # id(link) -> number of calls
-        self.paused = False
+        self.recorded = {}  # id(link) -> (merged moments, number of calls)
 
     def forward_postprocess(self, args):
         # After the call: the link is initialized and the call succeeded.
-        if self.paused:
-            return
-        link = args.link
-        x = args.args[0] if args.args else args.kwargs['x']
-        layout = None
-        if isinstance(x, chainer.Variable):
-            layout = x.layout
-            x = x.raw_array
+        x = chainer.as_variable(args.args[0] if args.args
+                                else args.kwargs['x'])
+        # The axes as the link sees them (a view of channel-last memory).
+        x = memory_layouts._transpose_array(x.raw_array, x.layout, None)
         if backend.get_array_module(x) is chainerx:
             x = backend.from_chx(x)
-        # The logical layout (a view): axes as the link sees them.
-        x = memory_layouts._transpose_array(x, layout, None)
-        axis = tuple(_bn._compute_axis(x.ndim, link.avg_mean.ndim,
-                                       link.axis))
-        moments = _local_moments(x, axis)
-        key = id(link)
-        if key in self.moments:
-            moments = statistics.merge_moments(numpy, self.moments[key],
-                                               moments)
-        self.moments[key] = moments
-        self.calls[key] = self.calls.get(key, 0) + 1
+        link = args.link
+        axis = _bn._compute_axis(x.ndim, link.avg_mean.ndim, link.axis)
+        moments, calls = self.recorded.get(id(link), (None, 0))
+        self.recorded[id(link)] = (
+            _merge_in_order([moments, _local_moments(x, tuple(axis))]),
+            calls + 1)
 
 
 def _local_moments(x, axis):
@@ -190,6 +178,17 @@ def _local_moments(x, axis):
     return communication.to_host(reference.local_moments(layout.view(x)))
 
 
+def _merge_in_order(moments_list):
+    """The merge of ``(C, 3)`` moments (``None``: nothing) from left to
+    right: the same order gives the same bits on every process."""
+    total = None
+    for moments in moments_list:
+        if moments is not None:
+            total = moments if total is None else \
+                statistics.merge_moments(numpy, total, moments)
+    return total
+
+
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                  recorder):
     """Runs the same number of forward calls on every process."""
@@ -197,28 +196,28 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
     # detail divides by its length): such a process has no data at all.
     dataset = getattr(iterator, 'dataset', None)
     exhausted = dataset is not None and len(dataset) == 0
-    step = 0
-    probed = False
+    step, probed = 0, False
     while n_batches is None or step < n_batches:
+        # What this process tells the others: None (no batch), its batch
+        # with zero samples (which a process without data copies), or an
+        # error message.
         in_arrays, report = None, None
         if not exhausted:
             try:
                 if n_batches is None and getattr(iterator, 'repeat', False):
-                    raise ValueError(
-                        'n_batches=None needs an iterator that does not '
-                        'repeat')
+                    raise ValueError('n_batches=None needs an iterator that '
+                                     'does not repeat; pass n_batches')
                 batch = iterator.next()
                 if len(batch):
                     in_arrays = convert._call_converter(converter, batch,
                                                         device)
-                    report = _batch_signature(in_arrays)
+                    report = _map_arrays(_no_samples, in_arrays)
             except StopIteration:
                 exhausted = True
             except Exception as e:
-                report = ('error', '{}: {}'.format(type(e).__name__, e))
+                report = '{}: {}'.format(type(e).__name__, e)
         reports = communication.allgather_objects(mpi_comm, report)
-        errors = [(r, s[1]) for r, s in enumerate(reports)
-                  if s is not None and s[0] == 'error']
+        errors = [(r, s) for r, s in enumerate(reports) if isinstance(s, str)]
         if errors:
             raise RuntimeError(
                 'update_population_statistics (raised on rank {}): reading '
@@ -226,15 +225,17 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                     mpi_comm.rank, step, ', '.join(str(r) for r, _ in errors),
                     '\n'.join('  rank {}: {}'.format(r, m)
                               for r, m in errors)))
-        template = next((s for s in reports if s is not None), None)
-        if template is None:
+        without_data = [r for r, s in enumerate(reports) if s is None]
+        if len(without_data) == len(reports):
             break  # no process has data left
-        if not probed and None in reports:
+        template = next(s for s in reports if s is not None)
+        if without_data and not probed:
             probed = True
-            _probe_empty_batch(forward, template, device, recorder, step,
-                               reports, mpi_comm.rank)
+            _probe_empty_batch(forward, _on_device(template, device),
+                               recorder.recorded, step, without_data,
+                               mpi_comm.rank)
         if in_arrays is None:
-            in_arrays = _empty_batch(template, device)
+            in_arrays = _on_device(template, device)
         _call_forward(forward, in_arrays)
         step += 1
     return step
@@ -248,147 +249,113 @@ def _call_forward(forward, in_arrays):
     return forward(in_arrays)
 
 
-def _probe_empty_batch(forward, template, device, recorder, step, reports,
-                       rank):
+def _probe_empty_batch(forward, empty, recorded, step, without_data, rank):
     """Runs the model on an empty batch on *every* process, unrecorded.
 
-    Not every model takes an empty batch (max pooling, for one, refuses
-    it). Were only the processes without data to find out, they would raise
-    alone while the others wait in a synchronized call; with the same empty
-    input everywhere, every process takes the same path and fails, if at
-    all, at the same place.
+    Not every model takes an empty batch (max pooling refuses it). Were only
+    the processes without data to find out, they would raise alone while
+    the others wait in a synchronized call.
     """
-    recorder.paused = True
+    before = dict(recorded)
     try:
         with warnings.catch_warnings():
-            # An empty probe normalizes nothing: the warnings that a batch
-            # gives a zero output would be false.
-            for message in _ZERO_OUTPUT_WARNINGS:
-                warnings.filterwarnings('ignore', message=message)
-            _call_forward(forward, _empty_batch(template, device))
+            # The probe only asks whether the model raises: its warnings are
+            # false (a global batch of zero samples normalizes nothing) or
+            # come again from the empty batches that follow.
+            warnings.simplefilter('ignore')
+            _call_forward(forward, empty)
     except Exception as e:
-        empty = [r for r, s in enumerate(reports) if s is None]
+        message = str(e).strip()
         raise RuntimeError(
             'update_population_statistics (raised on rank {}): rank(s) {} '
             'have no data for batch {}, and the model does not accept an '
             'empty batch ({}: {}). Give every process data for every batch: '
             'equal shards (chainermn.scatter_dataset), or n_batches with '
             'repeating iterators.'.format(
-                rank, ', '.join(map(str, empty)), step, type(e).__name__,
-                str(e).strip().splitlines()[-1] if str(e).strip() else ''))
-    finally:
-        recorder.paused = False
+                rank, ', '.join(map(str, without_data)), step,
+                type(e).__name__,
+                message.splitlines()[-1] if message else ''))
+    recorded.clear()
+    recorded.update(before)
 
 
-_ZERO_OUTPUT_WARNINGS = (
-    'MultiNodeBatchNormalization received a global batch',
-    'A batch with no more than one sample',
-    'F.batch_normalization received a batch with single')
-
-
-def _batch_signature(in_arrays):
-    """What an empty batch must copy of converted arrays: their structure
-    (tuple, dict or array), sample shapes and dtypes."""
+def _map_arrays(function, in_arrays):
+    """``function`` applied to each array of converted input arrays (an
+    array, or a tuple or dict of them)."""
     if isinstance(in_arrays, tuple):
-        return ('tuple', [_batch_signature(a) for a in in_arrays])
+        return tuple(_map_arrays(function, a) for a in in_arrays)
     if isinstance(in_arrays, dict):
-        return ('dict', {k: _batch_signature(a)
-                         for k, a in in_arrays.items()})
-    if isinstance(in_arrays, chainer.Variable):
-        in_arrays = in_arrays.array
-    shape = getattr(in_arrays, 'shape', None)
-    dtype = getattr(in_arrays, 'dtype', None)
+        return {k: _map_arrays(function, a) for k, a in in_arrays.items()}
+    return function(in_arrays)
+
+
+def _no_samples(array):
+    """A host array of zero samples with the sample shape and dtype of
+    ``array``: what a process without data runs the model on."""
+    if isinstance(array, chainer.Variable):
+        array = array.array
+    shape = getattr(array, 'shape', None)
+    dtype = getattr(array, 'dtype', None)
     if shape is None or dtype is None or not shape:
         raise TypeError(
             'the converter must return arrays with a batch axis (or a tuple '
             'or dict of them) to run processes without data on an empty '
-            'batch; got {}'.format(type(in_arrays).__name__))
-    return ('array', tuple(shape[1:]), numpy.dtype(dtype).str)
+            'batch; got {}'.format(type(array).__name__))
+    return numpy.zeros((0,) + tuple(shape[1:]), dtype=dtype)
 
 
-def _empty_batch(signature, device):
-    kind = signature[0]
-    if kind == 'tuple':
-        return tuple(_empty_batch(d, device) for d in signature[1])
-    if kind == 'dict':
-        return {k: _empty_batch(d, device) for k, d in signature[1].items()}
-    _, sample_shape, dtype = signature
-    empty = numpy.zeros((0,) + tuple(sample_shape), dtype=dtype)
-    return empty if device is None else device.send(empty)
+def _on_device(empty, device):
+    return empty if device is None else _map_arrays(device.send, empty)
 
 
-def _merge_over_processes(targets, recorder):
-    """Per link ``(moments, calls)``; synchronized links merged over their
-    communicator (one exchange per communicator), plain links local."""
-    merged = {}
-    groups = []  # [(mpi_comm, [(path, link), ...])], in model order
-    for path, link in targets:
-        moments = recorder.moments.get(id(link))
-        calls = recorder.calls.get(id(link), 0)
+def _merge_over_processes(targets, recorded):
+    """Per link, its ``(moments, calls)`` over every process of its
+    communicator (one exchange per communicator); a plain link's are its
+    own process's."""
+    merged = {key: recorded.get(key, (None, 0)) for key in targets}
+    groups = {}  # id(mpi4py communicator) -> (it, its links in model order)
+    for path, link in targets.values():
         if isinstance(link, MultiNodeBatchNormalization):
             mpi_comm = communication.mpi_comm_of(link.comm)
-            for group_comm, members in groups:
-                if group_comm is mpi_comm:
-                    members.append((path, link))
-                    break
-            else:
-                groups.append((mpi_comm, [(path, link)]))
-        merged[id(link)] = (moments, calls)
-    for mpi_comm, members in groups:
-        local = [(path, merged[id(link)][1], merged[id(link)][0])
-                 for path, link in members]
-        gathered = communication.allgather_objects(mpi_comm, local)
-        layouts = [[(p, c, None if m is None else m.shape)
-                    for p, c, m in per_rank] for per_rank in gathered]
-        if any(layout != layouts[0] for layout in layouts):
+            groups.setdefault(id(mpi_comm), (mpi_comm, []))[1].append(
+                (path, link))
+    for mpi_comm, members in groups.values():
+        gathered = communication.allgather_objects(
+            mpi_comm, [(path,) + merged[id(link)] for path, link in members])
+        seen = [[(path, calls, None if m is None else m.shape)
+                 for path, m, calls in per_rank] for per_rank in gathered]
+        if any(links != seen[0] for links in seen):
             raise InconsistentInputError(
                 'update_population_statistics (raised on rank {}): processes '
                 'saw different batch normalizations (path, calls, moments '
                 'shape):\n{}\nEvery process must run the same model.'.format(
-                    mpi_comm.rank, '\n'.join(
-                        '  rank {}: {}'.format(r, layout)
-                        for r, layout in enumerate(layouts))))
-        for i, (path, link) in enumerate(members):
-            total = None
-            # Merged in rank order on every process: identical results.
-            for per_rank in gathered:
-                moments = per_rank[i][2]
-                if moments is None:
-                    continue
-                total = moments if total is None else \
-                    statistics.merge_moments(numpy, total, moments)
-            merged[id(link)] = (total, gathered[0][i][1])
+                    mpi_comm.rank, '\n'.join('  rank {}: {}'.format(r, links)
+                                             for r, links in enumerate(seen))))
+        for i, (_, link) in enumerate(members):
+            merged[id(link)] = (_merge_in_order(g[i][1] for g in gathered),
+                                gathered[0][i][2])
     return merged
 
 
-def _set_statistics(link, mean_var, calls):
-    mean, var = mean_var
-    for name, value in (('avg_mean', mean), ('avg_var', var)):
-        current = getattr(link, name)
-        # Sent to the persistent's own device, which need not be the
-        # current one.
-        current[...] = backend.get_device_from_array(current).send(
-            value.reshape(current.shape).astype(current.dtype))
-    link.N = calls
-
-
-def _save_persistents(model):
+@contextlib.contextmanager
+def _persistents_kept(model):
+    """Puts every persistent value of ``model`` back on exit (the forward
+    passes in training mode update the running statistics)."""
     saved = []
     for link in model.links():
         for name in link._persistent:
             value = link.__dict__[name]
-            copy = value.copy() if hasattr(value, 'copy') else value
-            saved.append((link, name, value, copy))
-    return saved
-
-
-def _restore_persistents(saved):
-    for link, name, value, copy in saved:
-        current = link.__dict__.get(name)
-        if value is None and current is not None:
-            continue  # initialized by its first call, as training would
-        if (current is value and hasattr(value, 'shape')
-                and getattr(copy, 'shape', None) == value.shape):
-            current[...] = copy  # in place: references stay valid
-        else:
-            setattr(link, name, copy)
+            saved.append((link, name, value,
+                          value.copy() if hasattr(value, 'copy') else value))
+    try:
+        yield
+    finally:
+        for link, name, value, copy in saved:
+            current = link.__dict__.get(name)
+            if value is None and current is not None:
+                continue  # initialized by its first call, as training would
+            if (current is value and hasattr(value, 'shape')
+                    and getattr(copy, 'shape', None) == value.shape):
+                current[...] = copy  # in place: references stay valid
+            else:
+                setattr(link, name, copy)
