@@ -1,11 +1,10 @@
 """Exact population statistics ("precise BN") over the data of all processes.
 
-Running averages over small batches are noisy estimates of the statistics a
-model sees at evaluation time; :func:`update_population_statistics`
-recomputes them with the parameters fixed. A link hook records the moments
-of every call, merged in float64; at the end each process gathers every
-process's merged moments once and merges them in rank order, so that all
-processes end with the same bits.
+Running averages over small batches are noisy estimates of what a model
+computes at evaluation time; :func:`update_population_statistics` recomputes
+them with the parameters fixed. A link hook merges the moments of every call
+in float64; at the end the processes exchange their merged moments once and
+merge them in rank order, so that all end with the same bits.
 """
 
 import contextlib
@@ -32,40 +31,35 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
                                  device=None, forward=None):
     """Sets every batch normalization's statistics to those of a dataset.
 
-    Runs the model in training mode without backpropagation over
-    ``n_batches`` global batches, each process drawing from its own
-    ``iterator``, and sets ``avg_mean`` and ``avg_var`` of every
+    Runs ``model`` in training mode without backpropagation over the
+    batches of ``iterator`` (each process its own shard) and sets
+    ``avg_mean`` and ``avg_var`` of every
     :class:`~multinode_bn.MultiNodeBatchNormalization` to the exact mean and
-    unbiased variance of all the inputs it received on all processes of its
-    communicator (bit-identical on every process), and ``N`` to the number
-    of its calls. A plain :class:`chainer.links.BatchNormalization` gets the
-    statistics of its own process's inputs. Parameters, gradients and other
-    persistent values are left as they were.
+    unbiased variance of all its inputs on all processes of its
+    communicator, the same bits on every process, and ``N`` to its number
+    of calls. A plain :class:`chainer.links.BatchNormalization` gets those
+    of its own process's inputs. Nothing else of the model changes; the
+    iterator is advanced, not rewound.
 
-    Every process makes the same synchronized calls: one whose data ran out
-    runs the model on an empty batch, and a failure on one process (reading
-    a batch, or a model that refuses an empty batch) raises the same
-    ``RuntimeError`` on every process. The iterator is advanced, not
-    rewound.
+    A process whose data ran out runs the model on an empty batch, so that
+    uneven shards cannot hang; a failure on one process (reading a batch,
+    or a model that refuses an empty batch) raises the same
+    ``RuntimeError`` on every process.
 
     Args:
-        model (~chainer.Link): The model whose batch normalizations are
-            updated.
+        model (~chainer.Link): The model.
         iterator: This process's iterator over its shard of the data.
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` spanning every
             process that runs the model.
-        n_batches (int or None): Number of global batches; ``None`` runs
-            until every process's iterator is exhausted (it must not
-            repeat).
-        converter: Turns a list of examples into input arrays, as for
-            Chainer's ``Evaluator``.
-        device: Device the converter sends the arrays to.
-        forward (callable): What to call instead of ``model``, as
-            ``forward(*in_arrays)``, ``forward(**in_arrays)`` or
-            ``forward(in_arrays)`` for a tuple, a dict or an array.
+        n_batches (int or None): Global batches to run; ``None`` runs until
+            every process's iterator is exhausted (it must not repeat).
+        converter: As for Chainer's ``Evaluator``.
+        device: As for Chainer's ``Evaluator``.
+        forward (callable): What to call instead of ``model`` with the
+            converted arrays (unpacked from a tuple or a dict).
 
     Returns:
-        int: The number of global batches run (equal on every process).
+        int: The number of global batches run, equal on every process.
 
     .. admonition:: Example
 
@@ -95,7 +89,7 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
         with _persistents_kept(model), chainer.using_config('train', True), \
                 chainer.using_config('enable_backprop', False):
             steps = _run_batches(forward, iterator, mpi_comm, n_batches,
-                                 converter, device, recorder)
+                                 converter, device, recorder.recorded)
         merged = _merge_over_processes(targets, recorder.recorded)
     finally:
         for _, link in targets.values():
@@ -190,8 +184,9 @@ def _merge_in_order(moments_list):
 
 
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
-                 recorder):
-    """Runs the same number of forward calls on every process."""
+                 recorded):
+    """Runs the same number of forward calls on every process; ``recorded``
+    is the moment recorder's record, which the probe leaves as it was."""
     # Chainer's iterators cannot iterate over an empty dataset (the epoch
     # detail divides by its length): such a process has no data at all.
     dataset = getattr(iterator, 'dataset', None)
@@ -217,14 +212,14 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
             except Exception as e:
                 report = '{}: {}'.format(type(e).__name__, e)
         reports = communication.allgather_objects(mpi_comm, report)
-        errors = [(r, s) for r, s in enumerate(reports) if isinstance(s, str)]
-        if errors:
+        failed = [r for r, s in enumerate(reports) if isinstance(s, str)]
+        if failed:
             raise RuntimeError(
                 'update_population_statistics (raised on rank {}): reading '
                 'batch {} failed on rank(s) {}:\n{}'.format(
-                    mpi_comm.rank, step, ', '.join(str(r) for r, _ in errors),
-                    '\n'.join('  rank {}: {}'.format(r, m)
-                              for r, m in errors)))
+                    mpi_comm.rank, step, ', '.join(map(str, failed)),
+                    '\n'.join('  rank {}: {}'.format(r, reports[r])
+                              for r in failed)))
         without_data = [r for r, s in enumerate(reports) if s is None]
         if len(without_data) == len(reports):
             break  # no process has data left
@@ -232,7 +227,7 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
         if without_data and not probed:
             probed = True
             _probe_empty_batch(forward, _on_device(template, device),
-                               recorder.recorded, step, without_data,
+                               recorded, step, without_data,
                                mpi_comm.rank)
         if in_arrays is None:
             in_arrays = _on_device(template, device)
