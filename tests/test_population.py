@@ -400,20 +400,23 @@ def test_link_called_twice_per_batch_counts_both_inputs():
     assert bn.N == 2 * steps
 
 
+@pytest.mark.parametrize('offset', [5.0, 1e4])
 @pytest.mark.parametrize('axis', [(0,), (0, 2, 3), (0, 2), (1, 3)])
-def test_local_moments_float64_match_numpy_for_any_kept_axes(axis):
-    from multinode_bn.population import local_moments_float64
-    x = (5.0 + numpy.random.RandomState(13).standard_normal(
+def test_recorded_moments_match_float64_two_pass_for_any_kept_axes(axis,
+                                                                   offset):
+    from multinode_bn.population import _local_moments
+    x = (offset + numpy.random.RandomState(13).standard_normal(
         (4, 3, 2, 5))).astype(numpy.float32)
-    moments = local_moments_float64(x, axis)
+    moments = _local_moments(x, axis)
+    # Two passes in float64: the mean, then squared deviations from it.
     x64 = x.astype(numpy.float64)
+    mean = x64.mean(axis=axis, keepdims=True)
+    m2 = ((x64 - mean) ** 2).sum(axis=axis)
     keep_shape = [d for i, d in enumerate(x.shape) if i not in axis]
     count = x.size // int(numpy.prod(keep_shape))
     numpy.testing.assert_array_equal(moments[:, 0], count)
-    numpy.testing.assert_allclose(moments[:, 1],
-                                  x64.mean(axis=axis).ravel(), rtol=1e-14)
-    numpy.testing.assert_allclose(
-        moments[:, 2], (x64.var(axis=axis) * count).ravel(), rtol=1e-12)
-    empty = local_moments_float64(numpy.take(x, [], axis=axis[0]), axis)
+    numpy.testing.assert_allclose(moments[:, 1], mean.ravel(), rtol=1e-14)
+    numpy.testing.assert_allclose(moments[:, 2], m2.ravel(), rtol=1e-12)
+    empty = _local_moments(numpy.take(x, [], axis=axis[0]), axis)
     assert empty.shape == (int(numpy.prod(keep_shape)), 3)
     assert not empty.any()

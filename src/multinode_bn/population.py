@@ -1,24 +1,13 @@
-"""Exact population statistics of batch normalization over all processes.
+"""Exact population statistics ("precise BN") over the data of all processes.
 
-Running averages with a decay of 0.9 over small batches are noisy estimates
-of the statistics a model sees at evaluation time. "Precise BN" recomputes
-them: with the parameters fixed, the model is run in training mode over many
-batches and each BN's ``avg_mean``/``avg_var`` is set to the mean and
-unbiased variance of *all* the inputs it saw.
-
-:func:`update_population_statistics` does this across processes: a link hook
-records the local moments ``(count, mean, m2)`` of every call of every
-batch normalization, the calls' moments are merged with
-:func:`~multinode_bn.statistics.merge_moments` in float64, and at the end each
-process gathers every process's merged moments once and merges them in rank
-order, so all processes end with bit-identical statistics.
-
-Its exchanges (one small object exchange per batch, so that processes
-whose data ran out can still join every synchronized call, and one exchange
-of moments at the end) go through
-:func:`multinode_bn.communication.allgather_objects`.
+Running averages over small batches are noisy estimates of what a model
+computes at evaluation time; :func:`update_population_statistics` recomputes
+them with the parameters fixed. A link hook merges the moments of every call
+in float64; at the end the processes exchange their merged moments once and
+merge them in rank order, so that all end with the same bits.
 """
 
+import contextlib
 import warnings
 
 import numpy
@@ -42,73 +31,35 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
                                  device=None, forward=None):
     """Sets every batch normalization's statistics to those of a dataset.
 
-    Runs ``n_batches`` global batches through ``model`` in training mode
-    without backpropagation (each process draws its own batch from its own
-    ``iterator``, its shard) and sets ``avg_mean`` and ``avg_var`` of every
+    Runs ``model`` in training mode without backpropagation over the
+    batches of ``iterator`` (each process its own shard) and sets
+    ``avg_mean`` and ``avg_var`` of every
     :class:`~multinode_bn.MultiNodeBatchNormalization` to the exact mean and
-    unbiased variance of all the inputs it received over all these calls on
-    all processes of its communicator: count-weighted, merged in float64
-    with :func:`~multinode_bn.statistics.merge_moments`, and bit-identical on
-    every process. The previous statistics do not contribute (no decay is
-    involved). ``N`` becomes the number of calls, as the fine-tuning mode
-    would have counted them.
+    unbiased variance of all its inputs on all processes of its
+    communicator, the same bits on every process, and ``N`` to its number
+    of calls. A plain :class:`chainer.links.BatchNormalization` gets those
+    of its own process's inputs. Nothing else of the model changes; the
+    iterator is advanced, not rewound.
 
-    A plain :class:`chainer.links.BatchNormalization` in the model gets the
-    exact statistics of the inputs *its own process* saw: it does not
-    communicate, so its statistics stay per process. Subclasses with other
-    semantics (such as ``L.BatchRenormalization``) keep their statistics.
-
-    Nothing else of the model changes: parameters, gradients, the optimizer
-    and every other persistent value are as before (running statistics that
-    the forward passes update on the way are restored). A batch
-    normalization that received no input at all on any process keeps its
-    statistics, with a warning.
-
-    The iterator is advanced by the batches drawn and is not rewound; pass a
-    dedicated iterator (or call its ``reset()`` first) to keep the training
-    iterator's position. Every process makes the same number of forward
-    calls: at each step the processes tell each other whether they have a
-    batch; a process whose iterator is exhausted (``StopIteration``), yields
-    an empty batch or iterates over an empty ``dataset`` runs the model on
-    an empty batch (zero samples, the sample shape of the lowest rank that
-    has data), which the synchronized links accept, so uneven and empty
-    shards cannot hang the others. The pass ends after ``n_batches``
-    steps, or earlier when no process has data left. The first time a
-    process has no data, every process first runs the model on an empty
-    batch (unrecorded), so that a model that refuses one (max pooling does)
-    raises the same ``RuntimeError`` on every process instead of hanging;
-    give such a model data on every process for every batch (equal shards,
-    or ``n_batches`` with repeating iterators). An error while reading or
-    converting a batch on any process also raises the same
-    ``RuntimeError`` on every process, naming it.
-
-    Dropout and other training-mode behaviour are active during the pass,
-    as during training.
+    A process whose data ran out runs the model on an empty batch, so that
+    uneven shards cannot hang; a failure on one process (reading a batch,
+    or a model that refuses an empty batch) raises the same
+    ``RuntimeError`` on every process.
 
     Args:
-        model (~chainer.Link): The model; it is called as
-            ``forward(*in_arrays)`` (or ``forward(**in_arrays)`` for a dict,
-            ``forward(in_arrays)`` otherwise), as Chainer's ``Evaluator``
-            calls its ``eval_func``.
-        iterator: This process's dataset iterator (its shard of the data),
-            for example a ``SerialIterator`` over the output of
-            ``chainermn.scatter_dataset``.
+        model (~chainer.Link): The model.
+        iterator: This process's iterator over its shard of the data.
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` spanning every
-            process that runs the model; the synchronized links merge their
-            statistics over their own communicator.
-        n_batches (int or None): Number of global batches. ``None`` runs
-            until every process's iterator is exhausted (it must not
-            repeat).
-        converter: Turns a list of examples into input arrays, as for
-            Chainer's ``Evaluator``
-            (:func:`chainer.dataset.concat_examples` by default).
-        device: Device the converter sends the arrays to (and where empty
-            batches are made), as for Chainer's ``Evaluator``.
-        forward (callable): What to call instead of ``model``, for example
-            ``model.predictor``.
+            process that runs the model.
+        n_batches (int or None): Global batches to run; ``None`` runs until
+            every process's iterator is exhausted (it must not repeat).
+        converter: As for Chainer's ``Evaluator``.
+        device: As for Chainer's ``Evaluator``.
+        forward (callable): What to call instead of ``model`` with the
+            converted arrays (unpacked from a tuple or a dict).
 
     Returns:
-        int: The number of global batches run (equal on every process).
+        int: The number of global batches run, equal on every process.
 
     .. admonition:: Example
 
@@ -124,35 +75,39 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
     if device is not None:
         device = backend.get_device(device)
     forward = model if forward is None else forward
-    targets, seen = [], set()
+    targets = {}  # id -> (path, link): a link shared under two names once
     for path, link in model.namedlinks():
-        if _is_target(link) and id(link) not in seen:  # shared links once
-            seen.add(id(link))
-            targets.append((path, link))
-    saved = _save_persistents(model)
+        # Other subclasses of L.BatchNormalization (L.BatchRenormalization)
+        # mean something else by their statistics.
+        if (isinstance(link, MultiNodeBatchNormalization)
+                or type(link) is L.BatchNormalization):
+            targets.setdefault(id(link), (path, link))
     recorder = _MomentRecorder()
-    for _, link in targets:
+    for _, link in targets.values():
         link.add_hook(recorder, name=_HOOK_NAME)
     try:
-        with chainer.using_config('train', True), \
+        with _persistents_kept(model), chainer.using_config('train', True), \
                 chainer.using_config('enable_backprop', False):
             steps = _run_batches(forward, iterator, mpi_comm, n_batches,
-                                 converter, device, recorder)
-        merged = _merge_over_processes(targets, recorder)
-    except BaseException:
-        _restore_persistents(saved)
-        raise
+                                 converter, device, recorder.recorded)
+        merged = _merge_over_processes(targets, recorder.recorded)
     finally:
-        for _, link in targets:
+        for _, link in targets.values():
             link.delete_hook(_HOOK_NAME)
-    _restore_persistents(saved)
     unseen = []
-    for path, link in targets:
+    for path, link in targets.values():
         moments, calls = merged[id(link)]
         if moments is None or not (moments[:, 0] > 0).all():
             unseen.append(path)
             continue
-        _set_statistics(link, population_mean_and_variance(moments), calls)
+        mean, var = population_mean_and_variance(moments)
+        for name, value in (('avg_mean', mean), ('avg_var', var)):
+            current = getattr(link, name)
+            # Sent to the persistent's own device, which need not be the
+            # current one.
+            current[...] = backend.get_device_from_array(current).send(
+                value.reshape(current.shape).astype(current.dtype))
+        link.N = calls
     if unseen:
         warnings.warn(
             'update_population_statistics: {} received no input on any '
@@ -175,134 +130,113 @@ def population_mean_and_variance(moments):
     return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
 
 
-def local_moments_float64(x, axis):
-    """``(count, mean, m2)`` per channel of ``x``, computed in float64.
-
-    The plain two-pass formula (mean, then squared deviations from it) over
-    a float64 copy: this pass runs once before an evaluation, so it favours
-    exactness over the speed and memory of the link's statistics backends,
-    whatever the input's dtype and memory order.
-
-    Args:
-        x (:ref:`ndarray`): Input, NumPy or CuPy, in its logical shape.
-        axis (tuple of ints): Axes reduced over.
-
-    Returns:
-        :ref:`ndarray`: float64 ``(C, 3)``, ``C`` the number of channels
-        (the product of the kept axes), on the device of ``x``.
-    """
-    xp = backend.get_array_module(x)
-    keep = [i for i in range(x.ndim) if i not in axis]
-    channels = 1
-    for i in keep:
-        channels *= x.shape[i]
-    count = x.size // max(channels, 1)
-    moments = xp.zeros((channels, 3), dtype=numpy.float64)
-    moments[:, 0] = count
-    if count:
-        x64 = x.astype(numpy.float64)
-        mean = x64.mean(axis=axis, keepdims=True)
-        x64 -= mean
-        moments[:, 1] = mean.ravel()
-        # Channels run over the kept axes in their order, as avg_mean.
-        moments[:, 2] = xp.square(x64, out=x64).sum(axis=axis).ravel()
-    return moments
-
-
 _HOOK_NAME = 'multinode_bn.population_statistics'
 
 
-def _is_target(link):
-    return (isinstance(link, MultiNodeBatchNormalization)
-            or type(link) is L.BatchNormalization)
-
-
 class _MomentRecorder(chainer.LinkHook):
-    """Merges the local moments of every call of the hooked links."""
+    """Merges the moments of every input of the hooked links."""
 
     name = _HOOK_NAME
 
     def __init__(self):
-        self.moments = {}  # id(link) -> float64 (C, 3) moments
-        self.calls = {}    # id(link) -> number of calls
-        self.paused = False
+        self.recorded = {}  # id(link) -> (merged moments, number of calls)
 
     def forward_postprocess(self, args):
         # After the call: the link is initialized and the call succeeded.
-        if self.paused:
-            return
-        link = args.link
-        x = args.args[0] if args.args else args.kwargs['x']
-        layout = None
-        if isinstance(x, chainer.Variable):
-            layout = x.layout
-            x = x.raw_array
+        x = chainer.as_variable(args.args[0] if args.args
+                                else args.kwargs['x'])
+        # The axes as the link sees them (a view of channel-last memory).
+        x = memory_layouts._transpose_array(x.raw_array, x.layout, None)
         if backend.get_array_module(x) is chainerx:
             x = backend.from_chx(x)
-        # The logical layout (a view): axes as the link sees them.
-        x = memory_layouts._transpose_array(x, layout, None)
-        axis = tuple(_bn._compute_axis(x.ndim, link.avg_mean.ndim,
-                                       link.axis))
-        moments = communication.to_host(local_moments_float64(x, axis))
-        key = id(link)
-        if key in self.moments:
-            moments = statistics.merge_moments(numpy, self.moments[key],
-                                               moments)
-        self.moments[key] = moments
-        self.calls[key] = self.calls.get(key, 0) + 1
+        link = args.link
+        axis = _bn._compute_axis(x.ndim, link.avg_mean.ndim, link.axis)
+        moments, calls = self.recorded.get(id(link), (None, 0))
+        self.recorded[id(link)] = (
+            _merge_in_order([moments, _local_moments(x, tuple(axis))]),
+            calls + 1)
+
+
+def _local_moments(x, axis):
+    """Host float64 ``(C, 3)`` ``(count, mean, m2)`` of one input, channels
+    in the order of the kept axes (that of ``avg_mean``)."""
+    layout = statistics.Layout.of(x, axis)
+    if layout.shape3[0] * layout.shape3[2] == 0:
+        # The statistics layer needs a sample; an empty batch (a process
+        # whose data ran out) adds nothing but its call.
+        return numpy.zeros((layout.shape3[1], 3), dtype=numpy.float64)
+    # Computed in float64 whatever the input's dtype: this pass runs once
+    # before an evaluation and favours exactness over speed.
+    reference = statistics.ReferenceStatistics(
+        backend.get_array_module(x), numpy.float64)
+    return communication.to_host(reference.local_moments(layout.view(x)))
+
+
+def _merge_in_order(moments_list):
+    """The merge of ``(C, 3)`` moments (``None``: nothing) from left to
+    right: the same order gives the same bits on every process."""
+    total = None
+    for moments in moments_list:
+        if moments is not None:
+            total = moments if total is None else \
+                statistics.merge_moments(numpy, total, moments)
+    return total
 
 
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
-                 recorder):
-    """Runs the same number of forward calls on every process."""
+                 recorded):
+    """Runs the same number of forward calls on every process; ``recorded``
+    is the moment recorder's record, which the probe leaves as it was."""
     # Chainer's iterators cannot iterate over an empty dataset (the epoch
     # detail divides by its length): such a process has no data at all.
     dataset = getattr(iterator, 'dataset', None)
     exhausted = dataset is not None and len(dataset) == 0
-    step = 0
-    probed = False
+    step, probed = 0, False
     while n_batches is None or step < n_batches:
-        in_arrays, status = None, None
+        # What this process tells the others: None (no batch), its batch
+        # with zero samples (which a process without data copies), or an
+        # error message.
+        in_arrays, report = None, None
         if not exhausted:
             try:
                 if n_batches is None and getattr(iterator, 'repeat', False):
-                    raise ValueError(
-                        'n_batches=None needs an iterator that does not '
-                        'repeat')
+                    raise ValueError('n_batches=None needs an iterator that '
+                                     'does not repeat; pass n_batches')
                 batch = iterator.next()
                 if len(batch):
                     in_arrays = convert._call_converter(converter, batch,
                                                         device)
-                    status = _describe(in_arrays)
+                    report = _map_arrays(_no_samples, in_arrays)
             except StopIteration:
                 exhausted = True
             except Exception as e:
-                status = ('error', '{}: {}'.format(type(e).__name__, e))
-        statuses = communication.allgather_objects(mpi_comm, status)
-        errors = [(r, s[1]) for r, s in enumerate(statuses)
-                  if s is not None and s[0] == 'error']
-        if errors:
+                report = '{}: {}'.format(type(e).__name__, e)
+        reports = communication.allgather_objects(mpi_comm, report)
+        failed = [r for r, s in enumerate(reports) if isinstance(s, str)]
+        if failed:
             raise RuntimeError(
                 'update_population_statistics (raised on rank {}): reading '
                 'batch {} failed on rank(s) {}:\n{}'.format(
-                    mpi_comm.rank, step, ', '.join(str(r) for r, _ in errors),
-                    '\n'.join('  rank {}: {}'.format(r, m)
-                              for r, m in errors)))
-        template = next((s for s in statuses if s is not None), None)
-        if template is None:
+                    mpi_comm.rank, step, ', '.join(map(str, failed)),
+                    '\n'.join('  rank {}: {}'.format(r, reports[r])
+                              for r in failed)))
+        without_data = [r for r, s in enumerate(reports) if s is None]
+        if len(without_data) == len(reports):
             break  # no process has data left
-        if not probed and None in statuses:
+        template = next(s for s in reports if s is not None)
+        if without_data and not probed:
             probed = True
-            _probe_empty_batch(forward, template, device, recorder, step,
-                               statuses, mpi_comm.rank)
+            _probe_empty_batch(forward, _on_device(template, device),
+                               recorded, step, without_data,
+                               mpi_comm.rank)
         if in_arrays is None:
-            in_arrays = _empty_batch(template, device)
-        _call(forward, in_arrays)
+            in_arrays = _on_device(template, device)
+        _call_forward(forward, in_arrays)
         step += 1
     return step
 
 
-def _call(forward, in_arrays):
+def _call_forward(forward, in_arrays):
     if isinstance(in_arrays, tuple):
         return forward(*in_arrays)
     if isinstance(in_arrays, dict):
@@ -310,145 +244,113 @@ def _call(forward, in_arrays):
     return forward(in_arrays)
 
 
-def _probe_empty_batch(forward, template, device, recorder, step, statuses,
-                       rank):
+def _probe_empty_batch(forward, empty, recorded, step, without_data, rank):
     """Runs the model on an empty batch on *every* process, unrecorded.
 
-    Not every model takes an empty batch (max pooling, for one, refuses
-    it). Were only the processes without data to find out, they would raise
-    alone while the others wait in a synchronized call; with the same empty
-    input everywhere, every process takes the same path and fails, if at
-    all, at the same place.
+    Not every model takes an empty batch (max pooling refuses it). Were only
+    the processes without data to find out, they would raise alone while
+    the others wait in a synchronized call.
     """
-    recorder.paused = True
+    before = dict(recorded)
     try:
         with warnings.catch_warnings():
-            # An empty probe normalizes nothing: the warnings that a batch
-            # gives a zero output would be false.
-            for message in _ZERO_OUTPUT_WARNINGS:
-                warnings.filterwarnings('ignore', message=message)
-            _call(forward, _empty_batch(template, device))
+            # The probe only asks whether the model raises: its warnings are
+            # false (a global batch of zero samples normalizes nothing) or
+            # come again from the empty batches that follow.
+            warnings.simplefilter('ignore')
+            _call_forward(forward, empty)
     except Exception as e:
-        empty = [r for r, s in enumerate(statuses) if s is None]
+        message = str(e).strip()
         raise RuntimeError(
             'update_population_statistics (raised on rank {}): rank(s) {} '
             'have no data for batch {}, and the model does not accept an '
             'empty batch ({}: {}). Give every process data for every batch: '
             'equal shards (chainermn.scatter_dataset), or n_batches with '
             'repeating iterators.'.format(
-                rank, ', '.join(map(str, empty)), step, type(e).__name__,
-                str(e).strip().splitlines()[-1] if str(e).strip() else ''))
-    finally:
-        recorder.paused = False
+                rank, ', '.join(map(str, without_data)), step,
+                type(e).__name__,
+                message.splitlines()[-1] if message else ''))
+    recorded.clear()
+    recorded.update(before)
 
 
-_ZERO_OUTPUT_WARNINGS = (
-    'MultiNodeBatchNormalization received a global batch',
-    'A batch with no more than one sample',
-    'F.batch_normalization received a batch with single')
-
-
-def _describe(in_arrays):
-    """The structure, sample shapes and dtypes of converted arrays."""
+def _map_arrays(function, in_arrays):
+    """``function`` applied to each array of converted input arrays (an
+    array, or a tuple or dict of them)."""
     if isinstance(in_arrays, tuple):
-        return ('tuple', [_describe(a) for a in in_arrays])
+        return tuple(_map_arrays(function, a) for a in in_arrays)
     if isinstance(in_arrays, dict):
-        return ('dict', {k: _describe(a) for k, a in in_arrays.items()})
-    if isinstance(in_arrays, chainer.Variable):
-        in_arrays = in_arrays.array
-    shape = getattr(in_arrays, 'shape', None)
-    dtype = getattr(in_arrays, 'dtype', None)
+        return {k: _map_arrays(function, a) for k, a in in_arrays.items()}
+    return function(in_arrays)
+
+
+def _no_samples(array):
+    """A host array of zero samples with the sample shape and dtype of
+    ``array``: what a process without data runs the model on."""
+    if isinstance(array, chainer.Variable):
+        array = array.array
+    shape = getattr(array, 'shape', None)
+    dtype = getattr(array, 'dtype', None)
     if shape is None or dtype is None or not shape:
         raise TypeError(
             'the converter must return arrays with a batch axis (or a tuple '
             'or dict of them) to run processes without data on an empty '
-            'batch; got {}'.format(type(in_arrays).__name__))
-    return ('array', tuple(shape[1:]), numpy.dtype(dtype).str)
+            'batch; got {}'.format(type(array).__name__))
+    return numpy.zeros((0,) + tuple(shape[1:]), dtype=dtype)
 
 
-def _empty_batch(description, device):
-    kind = description[0]
-    if kind == 'tuple':
-        return tuple(_empty_batch(d, device) for d in description[1])
-    if kind == 'dict':
-        return {k: _empty_batch(d, device) for k, d in description[1].items()}
-    _, sample_shape, dtype = description
-    empty = numpy.zeros((0,) + tuple(sample_shape), dtype=dtype)
-    return empty if device is None else device.send(empty)
+def _on_device(empty, device):
+    return empty if device is None else _map_arrays(device.send, empty)
 
 
-def _merge_over_processes(targets, recorder):
-    """Per link ``(moments, calls)``; synchronized links merged over their
-    communicator (one exchange per communicator), plain links local."""
-    merged = {}
-    groups = []  # [(mpi_comm, [(path, link), ...])], in model order
-    for path, link in targets:
-        moments = recorder.moments.get(id(link))
-        calls = recorder.calls.get(id(link), 0)
+def _merge_over_processes(targets, recorded):
+    """Per link, its ``(moments, calls)`` over every process of its
+    communicator (one exchange per communicator); a plain link's are its
+    own process's."""
+    merged = {key: recorded.get(key, (None, 0)) for key in targets}
+    groups = {}  # id(mpi4py communicator) -> (it, its links in model order)
+    for path, link in targets.values():
         if isinstance(link, MultiNodeBatchNormalization):
             mpi_comm = communication.mpi_comm_of(link.comm)
-            for group_comm, members in groups:
-                if group_comm is mpi_comm:
-                    members.append((path, link))
-                    break
-            else:
-                groups.append((mpi_comm, [(path, link)]))
-        merged[id(link)] = (moments, calls)
-    for mpi_comm, members in groups:
-        local = [(path, merged[id(link)][1], merged[id(link)][0])
-                 for path, link in members]
-        gathered = communication.allgather_objects(mpi_comm, local)
-        layouts = [[(p, c, None if m is None else m.shape)
-                    for p, c, m in per_rank] for per_rank in gathered]
-        if any(layout != layouts[0] for layout in layouts):
+            groups.setdefault(id(mpi_comm), (mpi_comm, []))[1].append(
+                (path, link))
+    for mpi_comm, members in groups.values():
+        gathered = communication.allgather_objects(
+            mpi_comm, [(path,) + merged[id(link)] for path, link in members])
+        seen = [[(path, calls, None if m is None else m.shape)
+                 for path, m, calls in per_rank] for per_rank in gathered]
+        if any(links != seen[0] for links in seen):
             raise InconsistentInputError(
                 'update_population_statistics (raised on rank {}): processes '
                 'saw different batch normalizations (path, calls, moments '
                 'shape):\n{}\nEvery process must run the same model.'.format(
-                    mpi_comm.rank, '\n'.join(
-                        '  rank {}: {}'.format(r, layout)
-                        for r, layout in enumerate(layouts))))
-        for i, (path, link) in enumerate(members):
-            total = None
-            # Merged in rank order on every process: identical results.
-            for per_rank in gathered:
-                moments = per_rank[i][2]
-                if moments is None:
-                    continue
-                total = moments if total is None else \
-                    statistics.merge_moments(numpy, total, moments)
-            merged[id(link)] = (total, gathered[0][i][1])
+                    mpi_comm.rank, '\n'.join('  rank {}: {}'.format(r, links)
+                                             for r, links in enumerate(seen))))
+        for i, (_, link) in enumerate(members):
+            merged[id(link)] = (_merge_in_order(g[i][1] for g in gathered),
+                                gathered[0][i][2])
     return merged
 
 
-def _set_statistics(link, mean_var, calls):
-    mean, var = mean_var
-    for name, value in (('avg_mean', mean), ('avg_var', var)):
-        current = getattr(link, name)
-        # Sent to the persistent's own device, which need not be the
-        # current one.
-        current[...] = backend.get_device_from_array(current).send(
-            value.reshape(current.shape).astype(current.dtype))
-    link.N = calls
-
-
-def _save_persistents(model):
+@contextlib.contextmanager
+def _persistents_kept(model):
+    """Puts every persistent value of ``model`` back on exit (the forward
+    passes in training mode update the running statistics)."""
     saved = []
     for link in model.links():
         for name in link._persistent:
             value = link.__dict__[name]
-            copy = value.copy() if hasattr(value, 'copy') else value
-            saved.append((link, name, value, copy))
-    return saved
-
-
-def _restore_persistents(saved):
-    for link, name, value, copy in saved:
-        current = link.__dict__.get(name)
-        if value is None and current is not None:
-            continue  # initialized by its first call, as training would
-        if (current is value and hasattr(value, 'shape')
-                and getattr(copy, 'shape', None) == value.shape):
-            current[...] = copy  # in place: references stay valid
-        else:
-            setattr(link, name, copy)
+            saved.append((link, name, value,
+                          value.copy() if hasattr(value, 'copy') else value))
+    try:
+        yield
+    finally:
+        for link, name, value, copy in saved:
+            current = link.__dict__.get(name)
+            if value is None and current is not None:
+                continue  # initialized by its first call, as training would
+            if (current is value and hasattr(value, 'shape')
+                    and getattr(copy, 'shape', None) == value.shape):
+                current[...] = copy  # in place: references stay valid
+            else:
+                setattr(link, name, copy)
