@@ -7,6 +7,7 @@ combines them across processes with one collective in each direction
 backward of its own, in closed form.
 """
 
+import collections
 import warnings
 
 import numpy
@@ -25,29 +26,15 @@ from multinode_bn import statistics
 
 
 def get_communication_backend(comm, communication_backend='auto'):
-    """Chooses the communication backend for ``comm``.
-
-    Args:
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``.
-        communication_backend (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
-            ``'auto'`` picks ``'nccl'`` for ChainerMN's
-            ``PureNcclCommunicator`` and ``'mpi'`` otherwise.
-
-    Returns:
-        str: ``'mpi'`` or ``'nccl'``.
-
-    Raises:
-        ValueError: The name is none of the three, or ``'nccl'`` was asked
-            for with a communicator that has no NCCL.
-    """
+    """``'mpi'`` or ``'nccl'`` for ``comm``, as ChainerMN's function of
+    this name (:func:`multinode_bn.communication.select_backend`)."""
     return communication.select_backend(comm, communication_backend)
 
 
 class MultiNodeBNImplSelector(object):
     """The ``impl_selector`` handed to Chainer's ``BatchNormalization``.
 
-    Holds the link's :class:`~multinode_bn.protocol.LinkProtocol` and the
-    statistics backend chosen per input signature.
+    Holds the link's :class:`~multinode_bn.protocol.LinkProtocol`.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
@@ -60,32 +47,15 @@ class MultiNodeBNImplSelector(object):
             comm, communication_backend_name)
         self.protocol = protocol.LinkProtocol(
             comm, self.communication_backend_name)
-        self._statistics = {}
 
     def __call__(self, batch_norm_func, inputs):
-        return MultiNodeBNImpl(self.protocol, batch_norm_func.call, self)
-
-    def statistics_for(self, x, dtype):
-        """The statistics backend for ``x`` computed in ``dtype``
-        (:func:`multinode_bn.cpu_kernels.choose_statistics`)."""
-        key = (type(x), x.dtype, dtype)
-        stats = self._statistics.get(key)
-        if stats is None:
-            stats = self._statistics[key] = cpu_kernels.choose_statistics(
-                x, dtype)
-        return stats
+        return MultiNodeBNImpl(self.protocol, batch_norm_func.call)
 
 
-class _ForwardData(object):
-    """What the backward needs from the forward of one call."""
-
-    __slots__ = ('count', 'mean', 'inv_std', 'statistics', 'call')
-
-    def __init__(self, count, mean, inv_std, statistics, call):
-        #: The global count as a Python float, known on the host.
-        self.count = count
-        self.mean, self.inv_std = mean, inv_std
-        self.statistics, self.call = statistics, call
+# What the backward needs from the forward of one call (``count``: the
+# global count as a Python float; ``mean``, ``inv_std``: float64 arrays).
+_ForwardData = collections.namedtuple(
+    '_ForwardData', 'count mean inv_std statistics call')
 
 
 def _nonfinite(local):
@@ -103,16 +73,15 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         link_protocol (~multinode_bn.protocol.LinkProtocol): The link's
             exchanges.
         call (~multinode_bn.protocol.Call): The call being computed.
-        selector (MultiNodeBNImplSelector): Chooses the statistics backend.
     """
 
-    def __init__(self, link_protocol, call, selector):
-        self.protocol, self.call, self.selector = link_protocol, call, selector
+    def __init__(self, link_protocol, call):
+        self.protocol, self.call = link_protocol, call
 
     def forward(self, axis, gamma, x, x_layout, xp, expander,
                 beta, eps, decay, running_mean, running_var):
         interm_dtype = numpy.promote_types(x.dtype, gamma.dtype)
-        stats = self.selector.statistics_for(x, interm_dtype)
+        stats = cpu_kernels.choose_statistics(x, interm_dtype)
         layout = statistics.Layout.of(x, axis)
         x3 = layout.view(x)
         if x3.size:
@@ -132,7 +101,7 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
             beta.astype(statistics.MOMENTS_DTYPE).ravel(), x.dtype))
         if running_mean is not None and count > 0:
             _update_running(running_mean, running_var, mean, var, count,
-                            decay, gamma.shape)
+                            decay)
         shape = gamma.shape
         return (y, x_layout, running_mean, running_var,
                 mean.astype(interm_dtype).reshape(shape),
@@ -172,20 +141,17 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         return gx, x_layout, ggamma, gbeta
 
 
-def _update_running(running_mean, running_var, mean, var, count, decay,
-                    shape):
+def _update_running(running_mean, running_var, mean, var, count, decay):
     if backend.get_array_module(running_mean) is chainerx:
         running_mean, running_var = backend.from_chx(
             (running_mean, running_var))
-    # Unbiased with the global count, as one process would on the
-    # concatenated batch.
-    adjust = count / max(count - 1.0, 1.0)
-    running_mean *= decay
-    running_mean += ((1 - decay) * mean).astype(
-        running_mean.dtype).reshape(shape)
-    running_var *= decay
-    running_var += ((1 - decay) * adjust * var).astype(
-        running_var.dtype).reshape(shape)
+    # The variance unbiased with the global count, as one process would on
+    # the concatenated batch.
+    unbiased = var * (count / max(count - 1.0, 1.0))
+    for running, value in ((running_mean, mean), (running_var, unbiased)):
+        running *= decay
+        running += ((1 - decay) * value).astype(running.dtype).reshape(
+            running.shape)
 
 
 # Chainer's two "will always output a zero tensor" warnings judge the local
@@ -278,100 +244,64 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         return gx, ggamma, gbeta
 
     def backward(self, indexes, grad_outputs):
-        """The second-order gradients in closed form, from this node's own
-        inputs and outputs; one call's worth of collectives.
-
-        Chainer's ``BatchNormalizationGrad.backward`` for one process, with
-        every reduction over the global batch. With ``M`` the global count,
-        ``s`` the inverse standard deviation, ``x_hat = (x - mean) s``,
-        ``g_gamma = sum(gy x_hat)`` and ``g_beta = sum(gy)`` (global sums;
-        this node outputs them divided by the number of processes ``P``) and
-        ``a`` the upstream gradient of ``gx``:
-
-        * the total upstream gradients of ``g_gamma`` and ``g_beta`` are
-          ``u = sum_p(upstream_p) / P - gamma s / M * sum(a x_hat)`` and
-          ``v = sum_p(upstream_p) / P - gamma s / M * sum(a)``;
-        * ``d x_hat = u gy - gamma s g_gamma / M * a``, whose global sums
-          follow from the sums above (``sum(gy x_hat) = g_gamma``);
-        * ``gx2 = s d x_hat + (d mean + x_hat d std) / M`` with ``d mean =
-          -s sum(d x_hat)`` and ``d std = -s (r + sum(x_hat d x_hat))``,
-          ``r = gamma s sum(a (gy - (x_hat g_gamma + g_beta) / M))``;
-        * ``ggy2 = u x_hat + v + gamma s a`` and ``ggamma2 = r / gamma / P``
-          (written without the division).
-
-        The statistics enter as constants, as in Chainer: the result is
-        exact to second order.
-        """
+        """Second-order gradients in closed form, from this node's own
+        inputs and outputs: Chainer's ``BatchNormalizationGrad.backward``
+        with every reduction over the global batch (derived in
+        docs/design.md), in one call's worth of exchanges."""
         F = chainer.functions
         x, gamma, gy = self.get_retained_inputs()
-        ggamma1, gbeta1 = self.get_retained_outputs()
-        ggx1, gggamma1, ggbeta1 = grad_outputs
+        g_gamma, g_beta = self.get_retained_outputs()  # global sums / P
+        ggx, gggamma, ggbeta = grad_outputs
         xp = backend.get_array_module(x)
-        data = self.forward_data
         size = self._impl.protocol.exchange.size
         dtype = numpy.promote_types(
             numpy.promote_types(x.dtype, gamma.dtype), numpy.float32)
 
-        def cast(v):
+        def cast(v, like):  # zeros for a missing gradient
+            if v is None:
+                return chainer.Variable(xp.zeros(like.shape, dtype))
             return v if v.dtype == dtype else F.cast(v, dtype)
-
-        def zero_if_none(v, like):
-            return chainer.Variable(xp.zeros(like.shape, dtype)) \
-                if v is None else cast(v)
 
         def bcast(v):
             return F.broadcast_to(v[self.expander], x.shape)
 
-        axis = self.axis
+        data = self.forward_data
         inv_m = dtype.type(1.0 / max(data.count, 1.0))
         inv_p = dtype.type(1.0 / size)
         s = data.inv_std.astype(dtype).reshape(gamma.shape)
         mean = data.mean.astype(dtype).reshape(gamma.shape)
-        gamma_c, gy_c = cast(gamma), cast(gy)
-        g_gamma = cast(ggamma1) * dtype.type(size)
-        g_beta = cast(gbeta1) * dtype.type(size)
-        a = zero_if_none(ggx1, x)
-        x_hat = (cast(x) - xp.broadcast_to(mean[self.expander], x.shape)) * \
-            xp.broadcast_to(s[self.expander], x.shape)
-
-        # Zeros stand in for missing gradients so that every process makes
-        # the same exchanges.
-        local = F.stack([
-            F.sum(a * x_hat, axis=axis), F.sum(a, axis=axis),
-            F.sum(a * gy_c, axis=axis),
-            zero_if_none(gggamma1, gamma), zero_if_none(ggbeta1, gamma)])
-        sums = AllreduceSum(self._impl.protocol, data.call).apply(
-            (local,))[0]
+        gamma, gy, a = cast(gamma, gamma), cast(gy, gy), cast(ggx, x)
+        g_gamma = cast(g_gamma, g_gamma) * dtype.type(size)
+        g_beta = cast(g_beta, g_beta) * dtype.type(size)
+        x_hat = (cast(x, x) - bcast(mean)) * bcast(s)
+        # Every process makes the same exchange, zeros where it has no
+        # upstream gradient.
+        sums = AllreduceSum(self._impl.protocol, data.call).apply((F.stack([
+            F.sum(a * x_hat, axis=self.axis), F.sum(a, axis=self.axis),
+            F.sum(a * gy, axis=self.axis), cast(gggamma, gamma),
+            cast(ggbeta, gamma)]),))[0]
         sum_a_xhat, sum_a, sum_a_gy, up_gamma, up_beta = F.separate(sums, 0)
 
-        coeff = gamma_c * s
-        coeff_m = coeff * inv_m
+        coeff_m = gamma * s * inv_m
         u = up_gamma * inv_p - coeff_m * sum_a_xhat
         v = up_beta * inv_p - coeff_m * sum_a
         r_over_gamma = s * (sum_a_gy - (g_gamma * sum_a_xhat
                                         + g_beta * sum_a) * inv_m)
         c2 = coeff_m * g_gamma
-        d_xhat = bcast(u) * gy_c - bcast(c2) * a
-        d_std = -s * (gamma_c * r_over_gamma + u * g_gamma - c2 * sum_a_xhat)
+        d_std = -s * (gamma * r_over_gamma + u * g_gamma - c2 * sum_a_xhat)
         d_mean = -s * (u * g_beta - c2 * sum_a)
-        gx2 = bcast(s) * d_xhat + inv_m * (bcast(d_mean)
-                                           + x_hat * bcast(d_std))
-        ggy2 = bcast(u) * x_hat + bcast(v) + bcast(coeff) * a
+        gx2 = bcast(s) * (bcast(u) * gy - bcast(c2) * a) + inv_m * (
+            bcast(d_mean) + x_hat * bcast(d_std))
+        ggy2 = bcast(u) * x_hat + bcast(v) + bcast(gamma * s) * a
         grads = (gx2, r_over_gamma * inv_p, ggy2)
-        targets = (x, gamma, gy)
+        targets = self.get_retained_inputs()
         return tuple(grads[i] if grads[i].dtype == targets[i].dtype
                      else F.cast(grads[i], targets[i].dtype) for i in indexes)
 
 
 class AllreduceSum(function_node.FunctionNode):
-    """Differentiable sum over processes (its gradient is again a sum), as
-    ``double backward`` exchanges of a link's call.
-
-    Args:
-        link_protocol (~multinode_bn.protocol.LinkProtocol): The link's
-            exchanges.
-        call (~multinode_bn.protocol.Call): The call differentiated.
-    """
+    """Differentiable sum over processes (its gradient is again a sum), in
+    ``double backward`` exchanges of ``call`` of a link's protocol."""
 
     def __init__(self, link_protocol, call):
         self.protocol, self.call = link_protocol, call
@@ -418,20 +348,12 @@ def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
     sizes may differ between processes, and may be zero.
 
     Args:
-        x (:class:`~chainer.Variable` or :ref:`ndarray`): Input.
-        gamma (:class:`~chainer.Variable` or :ref:`ndarray`): Scale.
-        beta (:class:`~chainer.Variable` or :ref:`ndarray`): Shift.
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
-            share statistics; or a :class:`MultiNodeBNImplSelector`, reused
-            across calls (as the link does).
-        eps (float): Added to the variance.
-        running_mean (:ref:`ndarray`): Updated in place with the global
-            mean, if given.
-        running_var (:ref:`ndarray`): Updated in place with the global
-            unbiased variance, if given.
-        decay (float): Decay rate of the running averages.
-        axis (int or tuple of ints): Reduced axes, as in
-            :func:`chainer.functions.batch_normalization`.
+        x, gamma, beta: Input, scale and shift (Variables or arrays).
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``; or a
+            :class:`MultiNodeBNImplSelector`, reused across calls.
+        eps, running_mean, running_var, decay, axis: As for
+            :func:`chainer.functions.batch_normalization`; the running
+            statistics get the global mean and unbiased variance.
         communication_backend (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
 
     Returns:
@@ -441,10 +363,8 @@ def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
 
         >>> from mpi4py import MPI
         >>> x = np.random.randn(4, 3).astype(np.float32)
-        >>> gamma = np.ones(3, np.float32)
-        >>> beta = np.zeros(3, np.float32)
-        >>> y = multi_node_batch_normalization(x, gamma, beta, MPI.COMM_WORLD)
-        >>> y.shape
+        >>> g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+        >>> multi_node_batch_normalization(x, g, b, MPI.COMM_WORLD).shape
         (4, 3)
     """
     argument.check_unexpected_kwargs(
