@@ -76,19 +76,9 @@ def mpi_comm_of(comm):
 
 
 def select_backend(comm, communication_backend='auto'):
-    """Resolves ``'auto'`` and checks that ``comm`` supports the backend.
-
-    Args:
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``.
-        communication_backend (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
-
-    Returns:
-        str: ``'mpi'`` or ``'nccl'``.
-
-    Raises:
-        ValueError: Unknown backend name, or ``'nccl'`` with a communicator
-            that has no NCCL.
-    """
+    """``'mpi'`` or ``'nccl'``: ``'auto'`` picks NCCL for ChainerMN's
+    ``PureNcclCommunicator``; ValueError for an unknown name, or for
+    ``'nccl'`` with a communicator that has no NCCL."""
     if communication_backend not in BACKENDS:
         raise ValueError(
             'communication_backend must be one of {}; got {!r}'.format(
@@ -177,11 +167,7 @@ class StallPolicy(object):
 
 
 #: Seconds after which a stalled exchange raises by default: 30 minutes,
-#: the longer of the two defaults of PyTorch's NCCL watchdog across its
-#: releases. A stuck job holds its nodes for at most half an hour, while a
-#: legitimate wait (one process evaluating or writing a checkpoint while
-#: the others wait in their next exchange) rarely takes that long; longer
-#: ones set it (MULTINODE_BN_STALL_ABORT or set_stall_policy).
+#: the longer default of PyTorch's NCCL watchdog (see docs/reliability.md).
 DEFAULT_ABORT_AFTER = 1800.0
 ACTIONS = ('report', 'raise')
 
@@ -210,12 +196,9 @@ def _bad_environment(name, value, accepted, default):
 
 
 class StallError(RuntimeError):
-    """An exchange did not complete in time (with ``action='raise'``).
-
-    The collective is left in flight: the link that issued it refuses
-    further calls, and the job should end (``MPI.COMM_WORLD.Abort()``, or
-    let the exception propagate under ``python -m mpi4py``).
-    """
+    """An exchange did not complete in time. The collective is left in
+    flight: its link refuses further calls, and the job should end (let the
+    exception propagate under ``python -m mpi4py``)."""
 
 
 _stall_policy = [StallPolicy.from_environment()]
@@ -224,16 +207,7 @@ _stall_policy = [StallPolicy.from_environment()]
 def set_stall_policy(timeout=60.0, action='report', stream=None,
                      abort_after=None):
     """Sets how long exchanges wait before reporting a stall, and before
-    raising :class:`StallError`.
-
-    Args:
-        timeout (float or None): Seconds before the report; ``None`` or
-            ``0`` disables it.
-        action (str): ``'report'`` or ``'raise'`` (at ``timeout``).
-        stream: Where the report goes (default ``sys.stderr``).
-        abort_after (float or None): Seconds before a waiting process
-            raises whatever ``action`` says; ``0`` waits for ever; ``None``:
-            :data:`DEFAULT_ABORT_AFTER`.
+    raising :class:`StallError` (the arguments of :class:`StallPolicy`).
 
     Returns:
         StallPolicy: The previous policy, to restore it later.
