@@ -118,7 +118,7 @@ def _compare(checks, rtol, atol):
 def test_pyramid_pooling_segmenter_matches_one_process_on_whole_batch():
     comm = MPI.COMM_WORLD
     rank, size = comm.rank, comm.size
-    numpy.random.seed(0)   # Chainer's initializers: the same weights everywhere
+    numpy.random.seed(0)   # Chainer's initializers: same weights everywhere
     with chainer.using_config('dtype', numpy.float64):
         model = TinySegmenter()
     reference_model = copy.deepcopy(model)
