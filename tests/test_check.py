@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy
 import pytest
@@ -85,6 +86,23 @@ def test_table_marks_each_value_that_differs_from_rank_0():
     assert lines[3].startswith('! 2')
     assert 'Open MPI v4.1.5*' in lines[3] and 'no*' in lines[3]
     assert '*' not in lines[1] + lines[2]   # another host is no difference
+
+
+def test_cuda_columns_name_cupy_nccl_and_devices(monkeypatch):
+    # A stand-in for CuPy: the columns read only these attributes.
+    cupy = types.ModuleType('cupy')
+    cupy.__version__ = '13.3.0'
+    cupy.cuda = types.ModuleType('cupy.cuda')
+    cupy.cuda.nccl = types.SimpleNamespace(get_version=lambda: 21805)
+    cupy.cuda.runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 4,
+        getDeviceProperties=lambda i: {'name': b'NVIDIA H100'})
+    monkeypatch.setitem(sys.modules, 'cupy', cupy)
+    monkeypatch.setitem(sys.modules, 'cupy.cuda', cupy.cuda)
+    info = check.describe_process()
+    assert (info['cupy'], info['nccl'], info['devices']) == (
+        '13.3.0', '2.18.5', '4 x NVIDIA H100')
+    assert check.describe_process({'nccl': '2.20.3'})['nccl'] == '2.20.3'
 
 
 def test_check_passes_in_one_process():

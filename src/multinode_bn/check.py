@@ -98,7 +98,7 @@ def describe_process(versions_override=None):
 
 
 def _describe_cuda():
-    if importlib.util.find_spec('cupy') is None:
+    if 'cupy' not in sys.modules and importlib.util.find_spec('cupy') is None:
         return {'cupy': '-', 'nccl': '-', 'devices': '-'}
     try:
         import cupy
