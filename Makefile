@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml setup.py Makefile | check-python
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade 'pip<26' 'setuptools<74' wheel
 	# chainer 7.8.1 is an sdist whose setup.py and runtime import pkg_resources
-	# and numpy.distutils: numpy<2 and setuptools<74 must be there first.
-	$(VPY) -m pip install 'numpy>=1.20,<2' 'setuptools<74'
+	# and numpy.distutils: numpy and setuptools<74 must be there first. Its
+	# F.resize_images (pyramid pooling, decoders) uses numpy.float, which
+	# NumPy 1.24 removed: numpy<1.24.
+	$(VPY) -m pip install 'numpy>=1.20,<1.24' 'setuptools<74'
 	$(VPY) -m pip install --no-build-isolation 'chainer==7.8.1'
 	$(VPY) -m pip install --no-build-isolation -e '.[test,mpich]'
 	touch $(STAMP)

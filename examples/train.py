@@ -20,8 +20,9 @@ The model is written with plain ``L.BatchNormalization``; ``--bn multinode``
 converts it with :func:`multinode_bn.create_mnbn_model`. On one process
 there is nothing to synchronize with, and the script says so.
 
-Every rank prints its own mean training loss once per epoch; rank 0 also
-prints Chainer's log line per epoch as it happens and writes
+Only rank 0 prints, so that lines of different processes never interleave:
+every rank's mean training loss once per epoch (gathered), Chainer's log
+line per epoch as it happens (each line in one write). Rank 0 also writes
 ``accuracy.json`` (validation accuracy per epoch, read by ``run_demo.py``),
 the ``log`` of ``LogReport`` and the trained model, with local batch
 normalization again, as ``model.npz``.
@@ -108,18 +109,57 @@ class ConvNet(chainer.Chain):
         return self.fc(F.average(h, axis=(2, 3)))
 
 
-class RankLossReport(training.Extension):
-    """Prints this rank's mean training loss at the end of every epoch.
+class WholeLines(object):
+    """A stream that passes on only whole lines, each batch in one write.
 
-    Runs on every process, so the output shows that each rank trains (and,
+    Chainer's ``PrintReport`` writes a row in pieces; through this, a row
+    reaches mpiexec's merged output in one piece.
+
+    Args:
+        stream: Where the lines go (``sys.stdout``).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.pending = ''
+
+    def write(self, text):
+        self.pending += text
+        end = self.pending.rfind('\n') + 1
+        if end:
+            self.stream.write(self.pending[:end])
+            self.stream.flush()
+            self.pending = self.pending[end:]
+
+    def flush(self):
+        pass   # a partial line waits for its end
+
+
+def print_on_rank_0(comm, line):
+    """Rank 0 prints every rank's ``line``, in rank order, in one write.
+
+    Only rank 0 writes, so lines of different processes cannot interleave
+    in mpiexec's merged output. Collective over ``comm``.
+    """
+    lines = comm.gather_obj(line, root=0)
+    if comm.rank == 0:
+        sys.stdout.write(''.join(text + '\n' for text in lines))
+        sys.stdout.flush()
+
+
+class RankLossReport(training.Extension):
+    """Prints every rank's mean training loss at the end of every epoch.
+
+    Runs on every process (its gather is collective) and rank 0 prints the
+    lines of all ranks, so the output shows that each rank trains (and,
     with local batch normalization, how their losses differ).
     """
 
     trigger = 1, 'iteration'
     priority = training.PRIORITY_READER
 
-    def __init__(self, rank, key='main/loss'):
-        self.rank = rank
+    def __init__(self, comm, key='main/loss'):
+        self.comm = comm
         self.key = key
         self.summary = chainer.reporter.DictSummary()
 
@@ -127,11 +167,8 @@ class RankLossReport(training.Extension):
         self.summary.add({self.key: trainer.observation[self.key]})
         if trainer.updater.is_new_epoch:
             loss = self.summary.compute_mean()[self.key]
-            # One write per line, so lines of different ranks do not
-            # interleave in mpiexec's merged output.
-            sys.stdout.write('rank {} epoch {} loss {:.4f}\n'.format(
-                self.rank, trainer.updater.epoch, float(loss)))
-            sys.stdout.flush()
+            print_on_rank_0(self.comm, 'rank {} epoch {} loss {:.4f}'.format(
+                self.comm.rank, trainer.updater.epoch, float(loss)))
             self.summary = chainer.reporter.DictSummary()
 
 
@@ -251,10 +288,9 @@ def main(argv=None):
                 args.batchsize, os.path.relpath(__file__)))
     bn_links = sorted({type(link).__name__ for link in model.links()
                        if isinstance(link, L.BatchNormalization)})
-    sys.stdout.write('rank {} of {}: {}, {} training images, {} per '
-                     'iteration\n'.format(rank, comm.size, ', '.join(bn_links),
-                                           len(train), args.batchsize))
-    sys.stdout.flush()
+    print_on_rank_0(comm, 'rank {} of {}: {}, {} training images, {} per '
+                    'iteration'.format(rank, comm.size, ', '.join(bn_links),
+                                       len(train), args.batchsize))
 
     updater = training.StandardUpdater(train_iter, optimizer)
     trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
@@ -271,7 +307,7 @@ def main(argv=None):
                                          shuffle=False),
         classifier, train, comm)
     trainer.extend(chainermn.create_multi_node_evaluator(population, comm))
-    trainer.extend(RankLossReport(rank))
+    trainer.extend(RankLossReport(comm))
     # A tenth of the step size for the last epoch settles the weights, so
     # the final accuracy depends less on where the last step happened to land.
     trainer.extend(extensions.ExponentialShift('alpha', 0.1),
@@ -282,7 +318,7 @@ def main(argv=None):
         trainer.extend(extensions.PrintReport(
             ['epoch', 'main/loss', 'main/accuracy',
              'validation/main/accuracy', 'population/main/accuracy',
-             'elapsed_time']))
+             'elapsed_time'], out=WholeLines(sys.stdout)))
         if not args.no_progress:
             trainer.extend(extensions.ProgressBar(update_interval=50))
 

@@ -16,6 +16,8 @@ from mpi4py import MPI
 import multinode_bn
 from multinode_bn import MultiNodeBatchNormalization as MNBN
 from conftest import assert_close
+from conftest import assert_matches_reference
+from conftest import Result
 
 
 class Block(chainer.Chain):
@@ -244,3 +246,76 @@ def test_revert_also_accepts_chainermn_links():
     assert type(back.bn) is L.BatchNormalization
     numpy.testing.assert_array_equal(back.bn.avg_var, theirs.avg_var)
     assert back.bn.N == 3
+
+
+def _with_lambda():
+    """A Sequential holding a lambda, which Chainer refuses to copy."""
+    return chainer.Sequential(
+        L.Linear(3, 4, nobias=True), L.BatchNormalization(4),
+        lambda h: F.relu(h) * 2, L.Linear(4, 2))
+
+
+def test_sequential_with_lambda_raises_error_naming_cause_and_in_place():
+    model = chainer.Chain()
+    with model.init_scope():
+        model.body = _with_lambda()
+    with pytest.raises(ValueError) as info:
+        multinode_bn.create_mnbn_model(model, MPI.COMM_WORLD)
+    message = str(info.value)
+    assert 'create_mnbn_model' in message and 'lambda' in message
+    assert 'cannot be copied' in message and 'in_place=True' in message
+    assert type(model.body[1]) is L.BatchNormalization   # left as it was
+    local = chainer.Sequential(MNBN(4, MPI.COMM_WORLD), lambda h: h)
+    with pytest.raises(ValueError, match='revert_mnbn_model.*in_place=True'):
+        multinode_bn.revert_mnbn_model(local)
+
+
+def test_sequential_with_lambda_converted_and_reverted_in_place():
+    model = _with_lambda()
+    bn, step = model[1], model[2]
+    bn.gamma.array[:] = [1, 2, 3, 4]
+    bn.avg_mean[:] = 5.0
+    keys = sorted(name for name, _ in model.namedparams())
+    converted = multinode_bn.create_mnbn_model(model, MPI.COMM_WORLD,
+                                               in_place=True)
+    assert converted is model
+    assert type(model[1]) is MNBN and model[1].comm is MPI.COMM_WORLD
+    assert model[1].gamma is bn.gamma            # the same parameter
+    assert (model[1].avg_mean == 5.0).all()
+    assert model[2] is step and len(model) == 4
+    assert sorted(name for name, _ in model.namedparams()) == keys
+    reverted = multinode_bn.revert_mnbn_model(model, in_place=True)
+    assert reverted is model and type(model[1]) is L.BatchNormalization
+    assert model[1].gamma is bn.gamma and model[2] is step
+    # A model that is a batch normalization itself is replaced, not changed.
+    single = L.BatchNormalization(3)
+    synced = multinode_bn.create_mnbn_model(single, MPI.COMM_WORLD,
+                                            in_place=True)
+    assert type(synced) is MNBN and type(single) is L.BatchNormalization
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_sequential_with_lambda_converted_in_place_matches_global_bn():
+    world = MPI.COMM_WORLD
+    sizes = [2 + r for r in range(world.size)]
+    numpy.random.seed(3)
+    model = _with_lambda()
+    numpy.random.seed(3)
+    reference_model = _with_lambda()     # the same weights
+    multinode_bn.create_mnbn_model(model, world, in_place=True)
+    rng = numpy.random.RandomState(4)
+    xs = [rng.randn(n, 3).astype(numpy.float32) for n in sizes]
+    offset, n = sum(sizes[:world.rank]), sizes[world.rank]
+
+    def run(net, x):
+        xv = chainer.Variable(x)
+        y = net(xv)
+        F.sum(y * y).backward()
+        return y.array, xv.grad, net[1]
+
+    y, gx, ours = run(model, xs[world.rank])
+    y_all, gx_all, theirs = run(reference_model, numpy.concatenate(xs))
+    assert_matches_reference(
+        Result(y, gx, None, None, ours.avg_mean, ours.avg_var),
+        Result(y_all, gx_all, None, None, theirs.avg_mean, theirs.avg_var),
+        offset, n, world.size, rtol=1e-4, atol=1e-5, params=False)

@@ -59,6 +59,25 @@ def test_extraction_finds_blocks_and_their_lines():
 
 @pytest.mark.parametrize('code', collect())
 def test_snippet_runs_as_written(code, tmp_path):
+    _run_snippet(code, tmp_path)
+
+
+def test_readme_use_snippet_runs_with_the_communicator_its_comment_offers(
+        tmp_path):
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        blocks = [code for _, code in python_blocks(f.read())
+                  if 'create_multi_node_optimizer' in code]
+    assert len(blocks) == 1
+    line = ('model = multinode_bn.create_mnbn_model(Net(), comm)  '
+            "# or comm.mpi_comm (mpi4py's)")
+    assert line in blocks[0]
+    _run_snippet(blocks[0].replace(
+        line, 'model = multinode_bn.create_mnbn_model(Net(), comm.mpi_comm)'
+        '\nassert type(model.bn.comm).__module__ == "mpi4py.MPI"'),
+        tmp_path)
+
+
+def _run_snippet(code, tmp_path):
     script = tmp_path / 'snippet.py'
     script.write_text(code)
     command = [sys.executable, str(script)]

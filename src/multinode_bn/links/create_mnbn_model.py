@@ -1,6 +1,7 @@
 """Whole-model conversion between local and synchronized batch normalization."""
 
 import copy
+import pickle
 import warnings
 
 import chainer
@@ -9,7 +10,8 @@ import chainer.links as L
 from multinode_bn.links.batch_normalization import MultiNodeBatchNormalization
 
 
-def create_mnbn_model(link, comm, communication_backend='auto'):
+def create_mnbn_model(link, comm, communication_backend='auto',
+                      in_place=False):
     """Copy of ``link`` with every ``L.BatchNormalization`` synchronized.
 
     Every :class:`chainer.links.BatchNormalization` at any depth inside
@@ -22,14 +24,25 @@ def create_mnbn_model(link, comm, communication_backend='auto'):
     ``L.BatchNormalization`` with other semantics (such as
     ``L.BatchRenormalization``) are left as they are, with a warning.
 
+    A model that cannot be deep-copied, such as a
+    :class:`~chainer.Sequential` holding a ``lambda`` (Chainer refuses to
+    copy or pickle it), raises ``ValueError`` naming the cause; convert it
+    with ``in_place=True``.
+
     Args:
         link (~chainer.Link): The model (or a single batch normalization).
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
             share statistics.
         communication_backend (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
+        in_place (bool): If ``True``, no copy is made: the batch
+            normalizations inside ``link`` are replaced where they are
+            (keeping their parameter objects) and ``link`` itself is
+            returned, or the new link if ``link`` is itself an
+            ``L.BatchNormalization``.
 
     Returns:
-        ~chainer.Link: The converted copy.
+        ~chainer.Link: The converted copy (or ``link``, converted, with
+        ``in_place=True``).
 
     .. admonition:: Example
 
@@ -58,10 +71,11 @@ def create_mnbn_model(link, comm, communication_backend='auto'):
                     type(child).__name__, path or '/'), UserWarning)
         return child
 
-    return _replace_links(copy.deepcopy(link, memo), convert)
+    return _replace_links(_copy_unless_in_place(
+        link, memo, in_place, 'create_mnbn_model'), convert)
 
 
-def revert_mnbn_model(link):
+def revert_mnbn_model(link, in_place=False):
     """Copy of ``link`` with every synchronized BN made local again.
 
     Every :class:`~multinode_bn.MultiNodeBatchNormalization` (and ChainerMN's
@@ -72,10 +86,14 @@ def revert_mnbn_model(link):
 
     Args:
         link (~chainer.Link): The model.
+        in_place (bool): If ``True``, no copy is made (as for
+            :func:`create_mnbn_model`, for a model that cannot be copied):
+            the synchronized links inside ``link`` are replaced where they
+            are and ``link`` is returned.
 
     Returns:
-        ~chainer.Link: The reverted copy; the original keeps its
-        communicator.
+        ~chainer.Link: The reverted copy, in which the original keeps its
+        communicator (or ``link``, reverted, with ``in_place=True``).
 
     .. admonition:: Example
 
@@ -96,7 +114,25 @@ def revert_mnbn_model(link):
                 _size_of(child), **_config_of(child)))
         return child
 
-    return _replace_links(copy.deepcopy(link, memo), convert)
+    return _replace_links(_copy_unless_in_place(
+        link, memo, in_place, 'revert_mnbn_model'), convert)
+
+
+def _copy_unless_in_place(link, memo, in_place, caller):
+    if in_place:
+        return link
+    try:
+        return copy.deepcopy(link, memo)
+    except (TypeError, ValueError, AttributeError,
+            pickle.PicklingError) as error:
+        raise ValueError(
+            '{caller} converts a copy of the model, and this {kind} cannot '
+            'be copied: {error} (a chainer.Sequential holding a lambda '
+            'cannot be, for one). Either pass in_place=True to convert the '
+            'model itself, or replace each lambda by a named function or a '
+            'functools.partial.'.format(
+                caller=caller, kind=type(link).__name__,
+                error=error)) from error
 
 
 def _is_synchronized(link):
