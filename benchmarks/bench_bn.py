@@ -423,9 +423,10 @@ def main():
             size, os.cpu_count(), numpy.__version__, chainer.__version__,
             iters, warmup, os.getloadavg()[0]))
 
-    from multinode_bn.functions import batch_normalization as fbn
-    say('statistics on float32 NumPy arrays: {}'.format(fbn.choose_statistics(
-        numpy.zeros(1, numpy.float32), numpy.float32).name))
+    from multinode_bn import cpu_kernels
+    say('statistics on float32 NumPy arrays: {}'.format(
+        cpu_kernels.choose_statistics(
+            numpy.zeros(1, numpy.float32), numpy.float32).name))
 
     bandwidth = copy_bandwidth(world, 256 << 20, 3 if args.quick else 10)
     say('copy bandwidth (numpy.copyto of 256 MiB on every rank at once, '

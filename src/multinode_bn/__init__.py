@@ -15,5 +15,3 @@ from multinode_bn.links import revert_mnbn_model  # NOQA
 from multinode_bn.population import update_population_statistics  # NOQA
 from multinode_bn.validation import InconsistentInputError  # NOQA
 from multinode_bn.validation import InvalidInputTypeError  # NOQA
-
-__version__ = '0.1.0'

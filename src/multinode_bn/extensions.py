@@ -1,4 +1,4 @@
-"""Trainer extensions."""
+"""The trainer extension for population statistics."""
 
 import copy
 
@@ -9,53 +9,28 @@ from multinode_bn.population import update_population_statistics
 
 
 class PopulationStatistics(extension.Extension):
-    """Trainer extension that recomputes population statistics.
+    """Trainer extension that recomputes exact population statistics.
 
     Calls :func:`~multinode_bn.update_population_statistics` at each
-    trigger, so that the evaluation and snapshot that follow use the exact
-    population mean and variance of every synchronized batch normalization
-    over the data of all processes, instead of the running averages of
-    training. Its priority is above that of Chainer's ``Evaluator`` (and so
-    of ChainerMN's ``create_multi_node_evaluator``) and of snapshots: with
-    the same trigger, it runs first.
-
-    Every process must call it at the same iterations (the same trigger and
-    equally many iterations per epoch, as with
-    ``chainermn.scatter_dataset``).
-
-    Before each run the iterator is rewound with its ``reset()`` method, or
-    copied if it has none (as Chainer's ``Evaluator`` does), so each run
-    starts at the beginning of the shard.
+    trigger, with the iterator rewound (``reset()``, else a copy), and runs
+    before Chainer's ``Evaluator``, ChainerMN's multi-node evaluator and the
+    snapshots at the same trigger. Every process must reach it at the same
+    iterations. docs/usage.md has a complete example.
 
     Args:
-        iterator: This process's dataset iterator, usually over its shard
-            of the training data. With ``n_batches=None`` it must not
-            repeat.
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` spanning every
-            process.
-        n_batches (int or None): Global batches per run; ``None`` runs
-            until every process's shard is exhausted.
-        target (~chainer.Link): The model; by default the target of the
-            updater's ``'main'`` optimizer.
-        converter: Turns a list of examples into input arrays
-            (:func:`chainer.dataset.concat_examples` by default).
+        iterator: This process's iterator, usually over its shard of the
+            training data; not repeating if ``n_batches`` is ``None``.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of every process.
+        n_batches (int or None): Global batches per run; ``None``: until
+            every process's shard is exhausted.
+        target (~chainer.Link): Default: the ``'main'`` optimizer's target.
+        converter: Turns examples into input arrays.
         device: Device the arrays are sent to.
-        forward (callable): What to call instead of the model, as the
-            ``eval_func`` of Chainer's ``Evaluator``.
-        trigger: When to run; ``(1, 'epoch')`` by default.
-
-    .. admonition:: Example
-
-        >>> stats_iter = chainer.iterators.SerialIterator(
-        ...     train_shard, 64, repeat=False, shuffle=False)
-        >>> trainer.extend(multinode_bn.PopulationStatistics(stats_iter,
-        ...                                                  comm))
-        >>> trainer.extend(chainermn.create_multi_node_evaluator(
-        ...     extensions.Evaluator(test_iter, model), comm))
+        forward (callable): What to call instead of the model.
+        trigger: When to run.
     """
 
-    # Above Evaluator's PRIORITY_WRITER and the snapshots' priority.
-    priority = extension.PRIORITY_WRITER + 1
+    priority = extension.PRIORITY_WRITER + 1  # before Evaluator, snapshots
     default_name = 'population_statistics'
 
     def __init__(self, iterator, comm, n_batches=None, target=None,
@@ -86,6 +61,5 @@ class PopulationStatistics(extension.Extension):
 
     def finalize(self):
         """Finalizes the iterator."""
-        finalize = getattr(self.iterator, 'finalize', None)
-        if finalize is not None:
-            finalize()
+        if hasattr(self.iterator, 'finalize'):
+            self.iterator.finalize()

@@ -1,67 +1,29 @@
 """Statistics math for synchronized batch normalization.
 
-Pure functions over ``xp`` arrays (NumPy or CuPy). Nothing here knows Chainer
-or MPI: the communication layer moves the small per-channel buffers these
-functions produce, and the Chainer glue decides when to call them.
-
-Every input is first seen as a three-axis array ``(A, C, B)`` (a
-:class:`Layout`): ``C`` runs over the channels (the axes that are *not*
-reduced), ``A`` and ``B`` over the reduced axes before and after them *in
-memory order*. Since the sums over the reduced axes do not depend on their
-order, the reduced axes are taken in the order of their strides, so that the
-view is free for every layout real layers produce: ``(N, C, H, W)`` in
-NCHW memory is ``(N, C, H*W)``; the same shape as a view of NHWC memory
-(Chainer's CPU convolutions) is ``(N*H*W, C, 1)``, as is channels-last
-``(N, H, W, C)``; ``(N, C)`` is ``(N, C, 1)``. Outputs are written in that
-order and seen back in the input's shape, so they keep its memory order.
-
-The four operations that pass over the batch form the interface of a
-*statistics backend* (:class:`ReferenceStatistics` is the plain one over
-``xp``; :class:`multinode_bn.cpu_kernels.CpuStatistics` the C loops):
-
-``local_moments(x3)``
-    float64 ``(C, 3)``: ``(count, mean, m2)`` per channel, ``m2`` the sum
-    of squared deviations from ``mean``. ``x3`` is not empty.
-``normalize(x3, mean, scale, beta, out_dtype)``
-    ``y = (x - mean) * scale + beta``.
-``backward_sums(x3, gy3, mean)``
-    float64 ``(2, C)``: ``sum gy`` and ``sum gy * (x - mean)``.
-``input_gradient(x3, gy3, mean, p, q, r, out_dtype)``
-    ``gx = p * gy + q * (x - mean) + r``.
-
-``mean``, ``scale``, ``beta``, ``p``, ``q`` and ``r`` are float64 ``(C,)``.
-The element-wise operations subtract ``mean`` rounded to the computation
-dtype and fold the rounding remainder into the constant term in float64
-(:func:`rounded_centre`), so a large mean costs no digits.
-
-Across processes, moments travel as float64 sums around a per-channel shift
-``K`` that is the same on every process (:func:`moments_to_shifted_sums`):
-a plain elementwise sum (MPI's built-in ``SUM``, NCCL) combines them, and
-:func:`shifted_sums_to_moments` recovers the global moments. The variance
-loses about ``eps64 * (mean - K)**2 / var`` of relative accuracy to the
-cancellation, so ``K`` should be near the mean (the previous global mean
-does well). :func:`merge_moments` combines two sets of moments exactly,
-whatever their means.
+Pure functions over ``xp`` arrays (NumPy or CuPy); no Chainer, no MPI. It owns
+:class:`Layout` (an input seen as ``(A, C, B)``, ``C`` the channels), the
+exchange format of moments (``(count, mean, m2)`` per channel, ``m2`` the sum
+of squared deviations; exchanged as float64 sums around a shift that every
+process shares), and the interface of a statistics backend: the four
+operations of :class:`ReferenceStatistics`, the plain one. docs/design.md
+explains the layouts, the shifted sums and their precision.
 """
 
 import functools
 import importlib
+import math
+import types
 
 import numpy
 
 #: The dtype moments and sums travel in.
 MOMENTS_DTYPE = numpy.dtype(numpy.float64)
 
-# Sums exchanged around a shift more than ``sqrt`` of this many standard
-# deviations from the global mean are exchanged again around the mean: the
-# variance then keeps about ``1e-12`` of relative accuracy.
-EXCHANGE_SHIFT_TOLERANCE = 1e4
-
-# A shift more than this many standard deviations from the mean is replaced
-# by the mean and the sums are taken again: the cancellation in
-# ``m2 = sum d*d - (sum d)**2 / n`` amplifies rounding by
-# ``1 + (shift - mean)**2 / var``, which this keeps below 17.
+# Sums are taken again around the mean where their shift lies more than
+# SHIFT_TOLERANCE standard deviations from it (local sums), or more than
+# sqrt(EXCHANGE_SHIFT_TOLERANCE) from the global mean (exchanged sums).
 SHIFT_TOLERANCE = 4.0
+EXCHANGE_SHIFT_TOLERANCE = 1e4
 
 
 def compute_dtype(dtype):
@@ -97,23 +59,21 @@ class Layout(object):
         b_axes = [i for i in by_stride[first:] if i in axis]
         self.order = tuple(a_axes + keep + b_axes)
         self.shape = tuple(x.shape)
-        self.shape3 = tuple(_prod(x.shape[i] for i in part)
+        self.shape3 = tuple(math.prod(x.shape[i] for i in part)
                             for part in (a_axes, keep, b_axes))
         self._inverse = tuple(int(i) for i in numpy.argsort(self.order))
 
     @staticmethod
     def of(x, axis):
-        """The layout of ``x`` (cached per shape, strides and axes: a
-        layer's input has the same ones at every call)."""
+        """The layout of ``x``, cached per shape, strides and axes."""
         return _layout(tuple(x.shape), tuple(x.strides), tuple(axis))
 
     def view(self, a):
-        """``a`` seen as ``(A, C, B)``: a view when its memory order allows
-        it (a C-contiguous result), otherwise one C-contiguous copy."""
+        """``a`` seen as ``(A, C, B)``: a view where its memory order allows
+        it, otherwise one C-contiguous copy."""
         moved = a.transpose(self.order)
-        xp = _array_module(a)
         if not moved.flags.c_contiguous:
-            moved = xp.ascontiguousarray(moved)
+            moved = _array_module(a).ascontiguousarray(moved)
         return moved.reshape(self.shape3)
 
     def restore(self, a3):
@@ -125,33 +85,21 @@ class Layout(object):
 
 @functools.lru_cache(maxsize=1024)
 def _layout(shape, strides, axis):
-    return Layout(_Shape(shape, strides), axis)
-
-
-class _Shape(object):
-    """Just the shape and strides of an array."""
-
-    def __init__(self, shape, strides):
-        self.shape, self.strides, self.ndim = shape, strides, len(shape)
+    return Layout(types.SimpleNamespace(
+        shape=shape, strides=strides, ndim=len(shape)), axis)
 
 
 def rounded_centre(mean, dtype):
-    """``mean`` rounded to ``dtype``, and what the rounding left out.
-
-    Element-wise work subtracts the rounded mean ``m`` in ``dtype``; the
-    remainder ``m - mean`` (float64) goes into a per-channel constant.
-    """
+    """``mean`` rounded to ``dtype``, and the float64 remainder the rounding
+    left out (which element-wise work folds into a per-channel constant)."""
     m = mean.astype(dtype)
     return m, m.astype(MOMENTS_DTYPE) - mean
 
 
 def gradient_coefficients(gamma, inv_std, global_sums, count):
-    """Per-channel ``(p, q, r)`` with ``gx = p * gy + q * (x - mean) + r``.
-
-    ``global_sums`` are ``(sum gy, sum gy * (x - mean))`` over the global
-    batch of ``count`` samples. A zero ``gamma`` gives a zero gradient
-    exactly, as in Chainer.
-    """
+    """Per-channel ``(p, q, r)`` of ``gx = p * gy + q * (x - mean) + r``,
+    from ``global_sums``, ``(sum gy, sum gy * (x - mean))`` over ``count``
+    samples. A zero ``gamma`` gives a zero gradient exactly, as in Chainer."""
     inv_count = 1.0 / (count + (count == 0))
     p = gamma * inv_std
     q = -p * inv_std * inv_std * global_sums[1] * inv_count
@@ -160,10 +108,9 @@ def gradient_coefficients(gamma, inv_std, global_sums, count):
 
 
 def moments_to_shifted_sums(xp, moments, shift):
-    """``(count, mean, m2)`` as a flat float64 buffer of sums around
-    ``shift``: ``[count, sum (x - shift) per channel, sum (x - shift)**2 per
-    channel]``, which an elementwise sum over processes combines when every
-    process uses the same ``shift``."""
+    """Moments as a flat float64 buffer of sums around ``shift``, ``[count,
+    sum (x - shift) per channel, sum (x - shift)**2 per channel]``, which an
+    elementwise sum combines over processes that share ``shift``."""
     count = moments[:1, 0]
     d = moments[:, 1] - shift
     return xp.concatenate([count, count * d, moments[:, 2] + count * d * d])
@@ -190,41 +137,32 @@ def shift_too_far(moments, shift, eps=0.0):
 
 
 def merge_moments(xp, a, b, out=None):
-    """Combines two ``(..., 3)`` arrays of ``(count, mean, m2)`` triples.
-
-    The pairwise formula of Chan, Golub and LeVeque: it never subtracts two
-    large sums of squares, so it keeps its digits when the mean is large
-    compared with the spread. The result does not depend on the order of
-    ``a`` and ``b`` to the last bit.
-    """
+    """Combines two ``(..., 3)`` arrays of moments exactly, by Chan, Golub
+    and LeVeque's pairwise formula: no large sums of squares are subtracted,
+    and the bits do not depend on the order of ``a`` and ``b``."""
     na, ma, m2a = a[..., 0], a[..., 1], a[..., 2]
     nb, mb, m2b = b[..., 0], b[..., 1], b[..., 2]
     n = na + nb
     safe_n = xp.where(n > 0, n, 1.0)
     delta = mb - ma
-    mean = (na * ma + nb * mb) / safe_n
-    m2 = m2a + m2b + delta * delta * (na * nb / safe_n)
     if out is None:
         out = xp.empty(xp.broadcast(a, b).shape, dtype=MOMENTS_DTYPE)
     out[..., 0] = n
-    out[..., 1] = mean
-    out[..., 2] = m2
+    out[..., 1] = (na * ma + nb * mb) / safe_n
+    out[..., 2] = m2a + m2b + delta * delta * (na * nb / safe_n)
     return out
 
 
 class ReferenceStatistics(object):
-    """The plain statistics backend over ``xp`` (NumPy or CuPy).
+    """The plain statistics backend over ``xp``.
 
-    Short and readable: the test oracle of the fast paths, the CPU fallback
-    (float16, mixed precision, no C extension) and the GPU path, where every
-    line is one of CuPy's element-wise or reduction kernels. Element-wise
-    work runs in :func:`compute_dtype` of the computation dtype; every sum
-    is accumulated in float64.
+    The test oracle of the C loops, the CPU fallback (float16, mixed
+    precision, no C extension) and the GPU path. Element-wise work runs in
+    :func:`compute_dtype`; every sum accumulates in float64.
 
     Args:
         xp: ``numpy`` or ``cupy``.
-        dtype: The computation dtype (the input's, promoted with the
-            parameters').
+        dtype: The input's dtype promoted with the parameters'.
     """
 
     name = 'reference'
@@ -234,8 +172,7 @@ class ReferenceStatistics(object):
         self.dtype = compute_dtype(dtype)
 
     def __reduce__(self):
-        # A module cannot be copied or pickled: a link that caches this
-        # backend is copied (copy.deepcopy, Link.copy) by its module's name.
+        # A module does not pickle or copy (links cache their backend).
         return _reference_statistics, (self.xp.__name__, self.dtype)
 
     def _sums(self, u, v):
@@ -244,52 +181,45 @@ class ReferenceStatistics(object):
                 (u * v).sum(axis=(0, 2), dtype=MOMENTS_DTYPE))
 
     def local_moments(self, x3):
+        """Float64 ``(C, 3)`` moments of ``x3`` (which is not empty)."""
         x = x3.astype(self.dtype, copy=False)
         count = x.shape[0] * x.shape[2]
-        # Sums shifted by the first value of each channel, taken again
-        # around the mean should that value lie far from it.
         shift = x[0, :, 0]
-        d = x - shift[None, :, None]
+        d = x - shift[:, None]
         s1, s2 = self._sums(d, d)
-        if bool(_too_far(s1, s2, count).any()):
+        # The shift too far from the mean: (s1/n)**2 > tol**2 * m2/n.
+        tol2 = SHIFT_TOLERANCE ** 2
+        if bool((s1 * s1 * (1.0 + tol2) > s2 * (tol2 * count)).any()):
             shift = (shift + s1 / count).astype(self.dtype)
-            d = x - shift[None, :, None]
+            d = x - shift[:, None]
             s1, s2 = self._sums(d, d)
         return _moments(self.xp, count, shift.astype(MOMENTS_DTYPE) +
                         s1 / count, s2 - s1 * s1 / count)
 
     def normalize(self, x3, mean, scale, beta, out_dtype):
+        """``y = (x - mean) * scale + beta``. Here and below, the arguments
+        but ``x3``, ``gy3`` and ``out_dtype`` are float64 ``(C,)``."""
         m, rest = rounded_centre(mean, self.dtype)
-        offset = beta + rest * scale
-        y = (x3.astype(self.dtype, copy=False) - m[None, :, None]) * \
-            scale.astype(self.dtype)[None, :, None]
-        y += offset.astype(self.dtype)[None, :, None]
+        x = x3.astype(self.dtype, copy=False)
+        y = (x - m[:, None]) * scale.astype(self.dtype)[:, None]
+        y += (beta + rest * scale).astype(self.dtype)[:, None]
         return y.astype(out_dtype, copy=False)
 
     def backward_sums(self, x3, gy3, mean):
+        """Float64 ``(2, C)``: ``sum gy`` and ``sum gy * (x - mean)``."""
         m, rest = rounded_centre(mean, self.dtype)
         gy = gy3.astype(self.dtype, copy=False)
-        g1, g2 = self._sums(gy, x3.astype(self.dtype, copy=False)
-                            - m[None, :, None])
+        g1, g2 = self._sums(gy, x3.astype(self.dtype, copy=False) - m[:, None])
         return self.xp.stack([g1, g2 + rest * g1])
 
     def input_gradient(self, x3, gy3, mean, p, q, r, out_dtype):
+        """``gx = p * gy + q * (x - mean) + r``."""
         m, rest = rounded_centre(mean, self.dtype)
-        r = r + q * rest
         t = self.dtype
-        gx = gy3.astype(t, copy=False) * p.astype(t)[None, :, None]
-        gx += (x3.astype(t, copy=False) - m[None, :, None]) * \
-            q.astype(t)[None, :, None]
-        gx += r.astype(t)[None, :, None]
+        gx = gy3.astype(t, copy=False) * p.astype(t)[:, None]
+        gx += (x3.astype(t, copy=False) - m[:, None]) * q.astype(t)[:, None]
+        gx += (r + q * rest).astype(t)[:, None]
         return gx.astype(out_dtype, copy=False)
-
-
-def _too_far(s1, s2, count):
-    """Channels whose shift lies more than :data:`SHIFT_TOLERANCE` standard
-    deviations from the mean, from the shifted sums:
-    ``(s1 / n)**2 > tol**2 * m2 / n`` with ``m2 = s2 - s1**2 / n``."""
-    tol2 = SHIFT_TOLERANCE ** 2
-    return s1 * s1 * (1.0 + tol2) > s2 * (tol2 * count)
 
 
 def _moments(xp, count, mean, m2):
@@ -303,13 +233,6 @@ def _moments(xp, count, mean, m2):
 
 def _array_module(a):
     return numpy if isinstance(a, numpy.ndarray) else __import__('cupy')
-
-
-def _prod(values):
-    result = 1
-    for v in values:
-        result *= int(v)
-    return result
 
 
 def _reference_statistics(module_name, dtype):
