@@ -37,9 +37,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, 'train.py')
 
-# One seed's three runs took 30 s to 100 s on a 2-core machine shared with
-# other jobs.
-SECONDS_PER_SEED = 60
+# One seed's three runs took 42 s to 4 min 12 s on a 2-core machine shared
+# with other jobs, the busier the longer.
+MINUTES_PER_SEED = (1, 4)
 
 # (key, label, processes, bn, batch size per process); None: --processes,
 # and for the reference 2 images times --processes.
@@ -206,12 +206,12 @@ def main(argv=None):
 
     mpiexec = find_mpiexec()
     os.makedirs(args.out, exist_ok=True)
-    print('{} runs ({} settings x {} seed(s)); about {} s on 2 cores, more '
-          'on a busy machine. Each line is prefixed with its setting (local, '
-          'sync, ref) and seed.'.format(
+    low, high = (m * len(args.seeds) for m in MINUTES_PER_SEED)
+    print('{} runs ({} settings x {} seed(s)); {} to {} minutes on 2 cores, '
+          'the busier the longer. Each line is prefixed with its setting '
+          '(local, sync, ref) and seed.'.format(
               len(SETTINGS) * len(args.seeds), len(SETTINGS),
-              len(args.seeds), SECONDS_PER_SEED * len(args.seeds)),
-          flush=True)
+              len(args.seeds), low, high), flush=True)
     start = time.time()
     results = {}
     for seed in args.seeds:
