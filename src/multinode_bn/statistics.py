@@ -20,10 +20,11 @@ import numpy
 MOMENTS_DTYPE = numpy.dtype(numpy.float64)
 
 # Sums are taken again around the mean where their shift lies more than
-# SHIFT_TOLERANCE standard deviations from it (local sums), or more than
-# sqrt(EXCHANGE_SHIFT_TOLERANCE) from the global mean (exchanged sums).
+# this many standard deviations from it: the local sums (cancellation
+# amplifies rounding by 1 + tolerance**2), and the exchanged sums around
+# the shared shift (float64 sums keep about 1e-12 of the variance).
 SHIFT_TOLERANCE = 4.0
-EXCHANGE_SHIFT_TOLERANCE = 1e4
+EXCHANGE_SHIFT_TOLERANCE = 100.0
 
 
 def compute_dtype(dtype):
@@ -128,12 +129,12 @@ def shifted_sums_to_moments(xp, sums, shift):
 
 def shift_too_far(moments, shift, eps=0.0):
     """Whether global ``moments`` obtained from sums around ``shift`` lost
-    digits: a mean more than ``sqrt(EXCHANGE_SHIFT_TOLERANCE)`` standard
+    digits: a mean more than :data:`EXCHANGE_SHIFT_TOLERANCE` standard
     deviations (of ``var + eps``) from the shift in some channel."""
     count = max(float(moments[0, 0]), 1.0)
     d = moments[:, 1] - shift
     var = moments[:, 2] / count + eps
-    return bool((d * d > EXCHANGE_SHIFT_TOLERANCE * var).any())
+    return bool((d * d > EXCHANGE_SHIFT_TOLERANCE ** 2 * var).any())
 
 
 def merge_moments(xp, a, b, out=None):

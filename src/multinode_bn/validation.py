@@ -66,12 +66,9 @@ _DEVICES = ['cpu', 'gpu', 'other']
 def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
                   axis, backend, x_device, param_device, beta_shape=None,
                   running_shapes=()):
-    """The first thing wrong with this process's input, or :data:`OK`.
-
-    Everything Chainer's own type check would reject is caught here first,
-    so that no process raises alone while the others wait in an exchange.
-    ``running_shapes`` are the shapes of the running statistics to update.
-    """
+    """The first thing wrong with this process's input, or :data:`OK`:
+    all that Chainer's type check would reject, caught before it raises on
+    one process alone while the others wait in an exchange."""
     if len(x_shape) > _MAX_DIMS:
         return TOO_MANY_DIMS
     if numpy.dtype(x_dtype).kind != 'f':
@@ -219,15 +216,8 @@ class InconsistentInputError(ValueError):
 
 
 class InvalidInputTypeError(InconsistentInputError, type_check.InvalidType):
-    """An input that Chainer's own type check would reject, on some rank.
-
-    Raised on every rank alike, and an instance of both
-    :class:`InconsistentInputError` and
-    :class:`chainer.utils.type_check.InvalidType`, so that code catching
-    either (as for :class:`chainer.links.BatchNormalization`) catches it.
-
-    Args:
-        msg (str): The message, naming each rank's input.
+    """An input that Chainer's own type check would reject, on some rank:
+    code catching either base (as for ``L.BatchNormalization``) catches it.
     """
 
     def __init__(self, msg):
@@ -238,21 +228,11 @@ class InvalidInputTypeError(InconsistentInputError, type_check.InvalidType):
 
 
 def check_records(packed, rank, label):
-    """Raises the same :class:`InconsistentInputError` on every process
-    unless all records agree and none reports a problem.
-
-    It is an :class:`InvalidInputTypeError` (also a Chainer
-    ``InvalidType``) when some rank's input is one that Chainer's type check
-    would reject.
-
-    Args:
-        packed (ndarray): ``(size, RECORD_LEN)`` packed records of all
-            processes, in rank order.
-        rank (int): This process's rank (named in the message).
-        label (str): The link or call being checked.
-
-    Returns:
-        list: The unpacked records.
+    """The unpacked records of all processes (``packed``: ``(size,
+    RECORD_LEN)``, in rank order); raises the same
+    :class:`InconsistentInputError` on every process, naming ``rank`` and
+    ``label``, unless they agree and none reports a problem (an
+    :class:`InvalidInputTypeError` for what Chainer's type check rejects).
     """
     records = [InputRecord.unpack(p) for p in packed]
     versions = [r.version for r in records]
