@@ -61,7 +61,8 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
     @property
     def label(self):
         """How error and stall reports name this link: its path in the model
-        after :func:`~multinode_bn.create_mnbn_model`, else its name."""
+        after :func:`~multinode_bn.create_mnbn_model`, else its name in its
+        parent and the order of its first synchronized call."""
         return self._impl_selector.protocol.label
 
     @label.setter
