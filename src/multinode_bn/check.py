@@ -1,5 +1,4 @@
-"""A self-check of an MPI job before a long run: ``mpiexec -n N python -m
-multinode_bn.check``. "Checking a cluster" in docs/usage.md explains it."""
+"""``python -m multinode_bn.check``: see "Checking a cluster" in usage.md."""
 
 import argparse
 import platform
@@ -15,8 +14,7 @@ import multinode_bn
 from multinode_bn import communication
 from multinode_bn import cpu_kernels
 
-#: Errors allowed against the float64 reference, relative to the largest
-#: value of each quantity, by dtype of the link.
+#: Errors allowed against float64 NumPy, relative to the largest value.
 TOLERANCE = {'float32': 1e-5, 'float64': 1e-12}
 EXIT_STALL = 2  # a process did not join in time
 
@@ -32,28 +30,23 @@ MAY_DIFFER = ('rank', 'host', 'devices')
 BATCH_SIZES = (1, 2, 3)  # the local batch of rank r: BATCH_SIZES[r % 3]
 CHANNELS = 8
 SPATIAL = (5, 7)
-WARM_UP = 10  # untimed calls before the latency is measured
 
 
 def describe_process(versions_override=None):
-    """This process's row of the table, by column key. ``versions_override``
-    (such as ``{'numpy': '1.0'}``) replaces values, to simulate a mixed
-    installation."""
+    """This process's row of the table, by column key; ``versions_override``
+    replaces values (``{'numpy': '1.0'}``) to simulate a mixed install."""
     # "MPICH Version: 4.2.1 ..." or "Open MPI v4.1.5, package: ...".
     library = MPI.Get_library_version().strip().splitlines()[0]
     library = ' '.join(library.replace('Version:', '').split()).split(',')[0]
-    info = {'host': MPI.Get_processor_name(),
-            'python': platform.python_version(),
-            'numpy': numpy.__version__,
-            'chainer': chainer.__version__,
-            'mpi4py': mpi4py.__version__,
+    info = {'host': MPI.Get_processor_name(), 'mpi': library,
+            'python': platform.python_version(), 'numpy': numpy.__version__,
+            'chainer': chainer.__version__, 'mpi4py': mpi4py.__version__,
             'multinode_bn': multinode_bn.__version__,
-            'mpi': library,
             'c_loops': 'yes' if cpu_kernels.available() else 'no',
             'cupy': '-', 'nccl': '-', 'devices': '-'}
     try:
         import cupy
-    except ImportError:  # not installed, or not loadable here
+    except Exception:  # not installed, or not loadable here
         cupy = None
     if cupy is not None:
         info['cupy'] = cupy.__version__
@@ -88,8 +81,9 @@ def differences(rows):
 
 def format_table(rows):
     """The table's lines; a value that differs from rank 0's is marked
-    ``*``, its row ``!``."""
-    marked = {(rank, heading) for rank, heading, _, _ in differences(rows)}
+    ``*``, its row ``!``, and listed below."""
+    found = differences(rows)
+    marked = {(rank, heading) for rank, heading, _, _ in found}
     table = [(' ', [heading for _, heading in COLUMNS])]
     for row in rows:
         mark, cells = ' ', []
@@ -101,43 +95,42 @@ def format_table(rows):
         table.append((mark, cells))
     widths = [max(len(cells[i]) for _, cells in table)
               for i in range(len(COLUMNS))]
-    return [mark + ' ' + '  '.join(c.ljust(w) for c, w in zip(cells, widths))
-            .rstrip() for mark, cells in table]
+    lines = [mark + ' ' + '  '.join(c.ljust(w) for c, w in zip(cells, widths))
+             .rstrip() for mark, cells in table]
+    return lines + ['! rank {} has {} {} (rank 0: {})'.format(*difference)
+                    for difference in found]
 
 
 def reference_batch_normalization(x, gy, gamma, beta, eps, decay):
     """Batch normalization of ``x`` (channels on axis 1) in float64 NumPy,
     by the paper's formulas (Ioffe & Szegedy, 2015): ``y``, ``gx``,
     ``ggamma``, ``gbeta``, and ``avg_mean``, ``avg_var`` after one step."""
-    x, gy, gamma, beta = (numpy.asarray(a, numpy.float64)
-                          for a in (x, gy, gamma, beta))
+    x, gy = numpy.asarray(x, numpy.float64), numpy.asarray(gy, numpy.float64)
     axes = (0,) + tuple(range(2, x.ndim))
-    shape = (1, -1) + (1,) * (x.ndim - 2)  # a per-channel value, broadcast
     m = x.size // x.shape[1]
-    mean = x.mean(axis=axes)
-    var = ((x - mean.reshape(shape)) ** 2).mean(axis=axes)
-    inv_std = 1.0 / numpy.sqrt(var + eps)
-    xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
-    gbeta = gy.sum(axis=axes)
-    ggamma = (gy * xhat).sum(axis=axes)
-    gx = (gamma * inv_std).reshape(shape) * (
-        gy - (gbeta.reshape(shape) + xhat * ggamma.reshape(shape)) / m)
-    return {'y': gamma.reshape(shape) * xhat + beta.reshape(shape),
-            'gx': gx, 'ggamma': ggamma, 'gbeta': gbeta,
-            'avg_mean': (1 - decay) * mean,
-            'avg_var': decay + (1 - decay) * var * m / max(m - 1, 1)}
+    mean = x.mean(axis=axes, keepdims=True)  # per channel, shaped like x
+    var = x.var(axis=axes, keepdims=True)
+    gamma = numpy.asarray(gamma, numpy.float64).reshape(mean.shape)
+    beta = numpy.asarray(beta, numpy.float64).reshape(mean.shape)
+    xhat = (x - mean) / numpy.sqrt(var + eps)
+    gbeta = gy.sum(axis=axes, keepdims=True)
+    ggamma = (gy * xhat).sum(axis=axes, keepdims=True)
+    gx = gamma / numpy.sqrt(var + eps) * (gy - (gbeta + xhat * ggamma) / m)
+    return {'y': gamma * xhat + beta, 'gx': gx,
+            'ggamma': ggamma.ravel(), 'gbeta': gbeta.ravel(),
+            'avg_mean': (1 - decay) * mean.ravel(),
+            'avg_var': decay + (1 - decay) * var.ravel() * m / max(m - 1, 1)}
 
 
 def run_link(comm, dtype):
-    """One forward and backward of the public link on this process's batch
-    (drawn from its rank): the inputs and the results."""
+    """The link's forward and backward on this process's batch: the inputs
+    and the results."""
     rng = numpy.random.RandomState(1000 + comm.rank)
     shape = (BATCH_SIZES[comm.rank % 3], CHANNELS) + SPATIAL
     x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
     gy = rng.standard_normal(shape).astype(dtype)
-    rng = numpy.random.RandomState(7)  # the same parameters everywhere
-    gamma = rng.uniform(0.5, 1.5, CHANNELS).astype(dtype)
-    beta = rng.standard_normal(CHANNELS).astype(dtype)
+    gamma = numpy.linspace(0.5, 1.5, CHANNELS).astype(dtype)
+    beta = numpy.linspace(-1.0, 1.0, CHANNELS).astype(dtype)
     link = multinode_bn.MultiNodeBatchNormalization(
         CHANNELS, comm, dtype=dtype, initial_gamma=gamma, initial_beta=beta)
     link.label = 'multinode_bn.check ({})'.format(dtype)
@@ -158,38 +151,31 @@ def measure_latency(comm, calls):
     link = multinode_bn.MultiNodeBatchNormalization(CHANNELS, comm)
     link.label = 'multinode_bn.check (latency)'
     x = numpy.arange(4 * CHANNELS, dtype=numpy.float32).reshape(4, CHANNELS)
-    send = numpy.ones(1 + 2 * CHANNELS)
-    receive = numpy.empty_like(send)
+    send, receive = numpy.ones(1 + 2 * CHANNELS), numpy.empty(1 + 2 * CHANNELS)
     link_times, allreduce_times = [], []
     with chainer.no_backprop_mode():
-        for _ in range(WARM_UP + calls):
+        for _ in range(calls):
             start = time.perf_counter()
             link(x)
             link_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             comm.Allreduce(send, receive, op=MPI.SUM)
             allreduce_times.append(time.perf_counter() - start)
-    return (numpy.median(link_times[WARM_UP:]),
-            numpy.median(allreduce_times[WARM_UP:]))
+    # The median: the first calls (the first-call check) weigh nothing.
+    return numpy.median(link_times), numpy.median(allreduce_times)
 
 
 def relative_error(actual, expected):
-    """The largest error relative to the largest value expected; infinite
-    for NaN, so that it counts as the worst."""
-    expected = numpy.asarray(expected, numpy.float64)
-    error = numpy.abs(numpy.asarray(actual, numpy.float64) - expected).max()
-    if numpy.isnan(error):
-        return float('inf')
+    """The largest error relative to the largest value; NaN counts as inf."""
+    error = numpy.nan_to_num(numpy.abs(actual - expected).max(), nan=numpy.inf)
     return float(error) / max(float(numpy.abs(expected).max()), 1e-300)
 
 
 def compare(results, dtype):
-    """Every process's ``results`` of :func:`run_link` in ``dtype`` against
-    the float64 reference on the whole batch: the report's line and the
-    problems found."""
-    first = results[0]
+    """All :func:`run_link` results against the reference: line, problems."""
     whole = {name: numpy.concatenate([r[name] for r in results])
              for name in ('x', 'gy', 'y', 'gx')}
+    first = results[0]
     ref = reference_batch_normalization(
         whole['x'], whole['gy'], first['gamma'], first['beta'], first['eps'],
         first['decay'])
@@ -212,8 +198,7 @@ def compare(results, dtype):
         problems.append('{} error {:.1e} above {:.0e}'.format(
             dtype, errors[worst], TOLERANCE[dtype]))
     if not identical:
-        problems.append(dtype + ' running statistics differ between '
-                        'processes')
+        problems.append(dtype + ' running statistics differ between processes')
     return ('  {}  max error {:.1e}{} (tolerance {:.0e}, worst: {})  '
             'statistics bit-identical: {}'.format(
                 dtype, errors[worst], '' if ok else ' TOO LARGE',
@@ -222,23 +207,18 @@ def compare(results, dtype):
 
 
 def report(rows, calls):
-    """The report's lines but the verdict, and the problems found, from
-    every process's row."""
+    """The report's lines but the verdict, and the problems found."""
     hosts = len({row['host'] for row in rows})
     lines = ['multinode_bn check: {} process{} on {} host{}'.format(
         len(rows), 'es' if len(rows) > 1 else '', hosts,
         's' if hosts > 1 else '')] + format_table(rows)
-    problems = []
-    for rank, heading, value, expected in differences(rows):
-        lines.append('! rank {} has {} {} (rank 0: {})'.format(
-            rank, heading, value, expected))
-        problems.append('{} differs'.format(heading))
+    problems = sorted({heading + ' differs'
+                       for _, heading, _, _ in differences(rows)})
     sizes = ', '.join(str(BATCH_SIZES[r % 3]) for r in range(len(rows)))
-    lines += ['', 'synchronized BN forward + backward against float64 NumPy '
-              'on the gathered batch', '(local batches of {}; C={}, {}x{}; '
-              'running statistics compared bit for bit):'.format(
-                  sizes, CHANNELS, *SPATIAL)]
-    failures = [row['failure'] for row in rows if row['failure']]
+    lines += ['', 'synchronized BN forward + backward on local batches of {} '
+              '(C={}, {}x{}) against float64 NumPy on the gathered batch:'
+              .format(sizes, CHANNELS, *SPATIAL)]
+    failures = [row['failure'] for row in rows if 'failure' in row]
     if failures:
         lines.append('  FAILED: ' + '; '.join(failures))
         return lines + [''], problems + ['the link raised']
@@ -246,15 +226,14 @@ def report(rows, calls):
         line, found = compare([row[dtype] for row in rows], dtype)
         lines.append(line)
         problems += found
+    link_time, allreduce_time = numpy.max([r['latency'] for r in rows], 0)
     lines += ['', 'median of {} calls, slowest process:'.format(calls),
               '  link forward (training, one exchange), C={}  {:>6.0f} us'
-              .format(CHANNELS, 1e6 * max(r['latency'][0] for r in rows)),
+              .format(CHANNELS, 1e6 * link_time),
               '  plain Allreduce of {} float64               {:>6.0f} us'
-              .format(1 + 2 * CHANNELS, 1e6 * max(r['latency'][1]
-                                                  for r in rows))]
+              .format(1 + 2 * CHANNELS, 1e6 * allreduce_time)]
     if len(rows) == 1:
-        lines.append('  (1 process: nothing is exchanged; run it as '
-                     '`mpiexec -n N python -m multinode_bn.check`)')
+        lines.append('  (1 process: nothing is exchanged; use mpiexec -n N)')
     return lines + [''], problems
 
 
@@ -263,63 +242,54 @@ def main(argv=None, comm=None, versions_override=None, stream=None):
     ``MPI.COMM_WORLD``); rank 0 writes the report to ``stream``. Returns the
     exit status, the same on every process (docs/api.md has the details)."""
     parser = argparse.ArgumentParser(
-        prog='python -m multinode_bn.check', description='Checks that the '
-        'processes of an MPI job agree and that synchronized BN is exact '
-        'across them. Run as `mpiexec -n N python -m multinode_bn.check`.')
+        prog='python -m multinode_bn.check', description='Checks an MPI job '
+        'before a long run; run it as the job: `mpiexec -n N ...`.')
     parser.add_argument('--timeout', type=float, default=30.0, help='seconds '
                         'to wait for the other processes at each step (30)')
     parser.add_argument('--calls', type=int, default=200,
                         help='timed calls for the latency (200)')
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)  # None: sys.argv[1:]
     comm = MPI.COMM_WORLD if comm is None else comm
-    out = stream or sys.stdout
     started = time.monotonic()
-    previous = multinode_bn.get_stall_policy()
     # Every wait, the links' too, ends after the timeout with a report.
-    multinode_bn.set_stall_policy(args.timeout, 'raise', previous.stream)
+    previous = multinode_bn.set_stall_policy(args.timeout, 'raise')
     try:
         # The first collective: a process that never started is named here.
-        dup, request = comm.Idup()
-        communication.wait(request, comm.rank, lambda: 'multinode_bn.check, '
-                           'waiting for all {} processes to start (Idup)'
+        communication.wait(comm.Ibarrier(), comm.rank, lambda: 'multinode_bn.'
+                           'check, waiting for all {} processes to start'
                            .format(comm.size))
-        row = dict(describe_process(versions_override), rank=comm.rank,
-                   failure=None)
+        row = dict(describe_process(versions_override), rank=comm.rank)
         try:
-            row['float32'] = run_link(dup, 'float32')
-            row['float64'] = run_link(dup, 'float64')
-            row['latency'] = measure_latency(dup, args.calls)
+            row['float32'] = run_link(comm, 'float32')
+            row['float64'] = run_link(comm, 'float64')
+            row['latency'] = measure_latency(comm, args.calls)
         except communication.StallError:
             raise
-        except Exception as e:  # reported by every process
-            row['failure'] = 'rank {}: {}: {}'.format(
-                comm.rank, type(e).__name__, e)
-        communication.wait(dup.Ibarrier(), comm.rank, lambda: 'multinode_bn'
-                           '.check, before gathering the results')
-        rows = communication.allgather_objects(dup, row)
+        except Exception as e:  # then reported by every process
+            row['failure'] = 'rank {}: {!r}'.format(comm.rank, e)
+        communication.wait(comm.Ibarrier(), comm.rank, lambda:
+                           'multinode_bn.check, before gathering the results')
+        rows = communication.allgather_objects(comm, row)
     except communication.StallError:
         # Every process that stalls says so: rank 0 may be the missing one.
         print('multinode_bn check: FAILED (rank {} waited {:.0f} s for the '
-              'other processes; see the report above)'.format(
-                  comm.rank, args.timeout), file=out, flush=True)
+              'other processes; see the stall report above)'.format(
+                  comm.rank, args.timeout), file=stream, flush=True)
         return EXIT_STALL
     finally:
         multinode_bn.set_stall_policy(previous.timeout, previous.action,
-                                      previous.stream)
-    dup.Free()
+                                      previous.stream, previous.abort_after)
     lines, problems = report(rows, args.calls)
-    unique = sorted(set(problems), key=problems.index)
     lines.append('multinode_bn check: {} ({:.1f} s)'.format(
-        'FAILED ({})'.format('; '.join(unique)) if unique else 'ok',
+        'FAILED ({})'.format('; '.join(problems)) if problems else 'ok',
         time.monotonic() - started))
     if comm.rank == 0:
-        print('\n'.join(lines), file=out, flush=True)
+        print('\n'.join(lines), file=stream, flush=True)
     return 1 if problems else 0
 
 
 def cli():
-    """``python -m multinode_bn.check`` and ``multinode-bn-check``: exits
-    with :func:`main`'s status; after a stall, ends the whole job."""
+    """The command: exits with :func:`main`'s status, or ends the job."""
     code = main()
     if code == EXIT_STALL:
         MPI.COMM_WORLD.Abort(code)
