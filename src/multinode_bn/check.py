@@ -1,4 +1,4 @@
-"""``python -m multinode_bn.check``: see "Checking a cluster" in usage.md."""
+"""The self-check of an MPI job (docs/usage.md, "Checking a cluster")."""
 
 import argparse
 import platform
