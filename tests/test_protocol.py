@@ -736,11 +736,13 @@ def test_processes_running_other_versions_raise_naming_the_versions(
     except multinode_bn.InconsistentInputError as e:
         message = str(e)
     everyone = comm.allgather(message)
-    for text in everyone:
-        assert 'different versions' in text, everyone
-        assert 'rank 0: multinode_bn {}'.format(
-            multinode_bn.__version__ if comm.rank != 1 else '0.1.0') in text
-        assert 'rank 1: multinode_bn 0.0.1-stale' in text, everyone
+    with on_every_rank():
+        for text in everyone:
+            assert 'different versions' in text, everyone
+            assert 'rank 0: multinode_bn {}'.format(
+                multinode_bn.__version__ if comm.rank != 1 else '0.1.0') \
+                in text
+            assert 'rank 1: multinode_bn 0.0.1-stale' in text, everyone
 
 
 @parallel
@@ -1081,7 +1083,7 @@ def test_second_thread_taking_its_turn_on_a_link_raises_before_exchanging():
         second = threading.Thread(target=call, args=('second thread',))
         second.start()
         second.join()
-        # (on MPI.COMM_WORLD itself, which does not count its calls)
+        # (on_every_rank talks on MPI.COMM_WORLD: comm does not count it)
         with on_every_rank():
             assert (results['first thread'] == 'ok'
                     and results['second thread'].startswith('RuntimeError')
@@ -1404,7 +1406,8 @@ def test_divergent_control_flow_raises_everywhere_or_matches_reference(
                                      1e-9, params=False)
         return
     # Someone diverged: every process raises, none goes on silently.
-    assert 'ok' not in everyone, (mutation, mutated, everyone)
-    if outcome == 'stall':
-        assert "/" in message and 'call' in message
-        assert 'waited' in policy.stream.getvalue()
+    with on_every_rank():
+        assert 'ok' not in everyone, (mutation, mutated, everyone)
+        if outcome == 'stall':
+            assert "/" in message and 'call' in message
+            assert 'waited' in policy.stream.getvalue()
