@@ -1,4 +1,5 @@
-"""Shared helpers: global batches, the single-process reference, counting."""
+"""Shared helpers: global batches, the single-process reference, checks
+that fail on every rank together, counting."""
 
 import warnings
 
@@ -77,16 +78,72 @@ def assert_close(actual, expected, rtol, atol, what=''):
         err_msg='{} on rank {}'.format(what, MPI.COMM_WORLD.rank))
 
 
+class on_every_rank(object):
+    """Checks that fail on every rank together.
+
+    A rank that raised alone would leave the others waiting in their next
+    collective (this test's or the next one's). Each rank runs its own
+    checks in the block; at its end every rank learns which ranks failed,
+    and every rank raises ``AssertionError`` naming them, with this rank's
+    messages::
+
+        with on_every_rank() as ranks:
+            ranks.check(assert_close, y, expected, 1e-9, 1e-9, 'y')
+            assert link.N == 1
+
+    ``ranks.check(f, *args)`` runs one check and goes on if it fails, so
+    that every failure is reported; an exception raised in the block itself
+    (a failed ``assert``, ``pytest.raises`` that saw nothing) ends the block
+    on this rank and is its failure. Collective over ``comm``
+    (``MPI.COMM_WORLD`` by default): every rank of it reaches the end of the
+    block, so collectives inside the block go in ``ranks.check`` or before
+    any plain ``assert``.
+    """
+
+    # What a failing check raises: any error, and pytest.fail's exception.
+    FAILURES = (Exception, pytest.fail.Exception)
+
+    def __init__(self, comm=None):
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.failures = []
+
+    def check(self, check, *args, **kwargs):
+        try:
+            check(*args, **kwargs)
+        except self.FAILURES as e:
+            self.failures.append(self._message(e))
+
+    @staticmethod
+    def _message(error):
+        if isinstance(error, AssertionError):
+            return str(error)
+        return '{}: {}'.format(type(error).__name__, error)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is not None:
+            if not isinstance(error, self.FAILURES):
+                return False  # an interrupt, a skip: not a failed check
+            self.failures.append(self._message(error))
+        failed = [r for r, f in enumerate(
+            self.comm.allgather(bool(self.failures))) if f]
+        if failed:
+            raise AssertionError('failed on rank(s) {}; this rank ({}):\n{}'
+                                 .format(failed, self.comm.rank,
+                                         '\n'.join(self.failures)
+                                         or 'passed'))
+        return True
+
+
 def assert_matches_reference(ours, ref, offset, n, size, rtol, atol,
                              params=True):
     """Our per-rank result against the slice of the global reference.
 
     Parameter gradients are compared after the data-parallel mean over the
     ``size`` processes; they equal the global gradient divided by ``size``.
-
-    Collective: every rank makes the same MPI calls whatever fails, and
-    every rank raises when any rank found a mismatch (a rank raising alone
-    would leave the others waiting in the next test's collectives).
+    Collective: every rank raises when any rank found a mismatch.
     """
     comm = MPI.COMM_WORLD
     checks = [('y', ours.y, ref.y[offset:offset + n]),
@@ -100,17 +157,9 @@ def assert_matches_reference(ours, ref, offset, n, size, rtol, atol,
             checks.append((name, mean * size, getattr(ref, name)))
     checks += [('avg_mean', ours.avg_mean, ref.avg_mean),
                ('avg_var', ours.avg_var, ref.avg_var)]
-    failures = []
-    for what, actual, expected in checks:
-        try:
-            assert_close(actual, expected, rtol, atol, what)
-        except AssertionError as e:
-            failures.append(str(e))
-    failed_ranks = [r for r, f in enumerate(comm.allgather(bool(failures)))
-                    if f]
-    if failed_ranks:
-        raise AssertionError('mismatch on rank(s) {}; this rank ({}): {}'.format(
-            failed_ranks, comm.rank, '\n'.join(failures) or 'matched'))
+    with on_every_rank(comm) as ranks:
+        for what, actual, expected in checks:
+            ranks.check(assert_close, actual, expected, rtol, atol, what)
 
 
 COLLECTIVE_NAMES = (

@@ -1,4 +1,6 @@
-"""Whole-model conversion both ways, and checkpoint interchange."""
+"""Whole-model conversion both ways (``create_mnbn_model``,
+``revert_mnbn_model``), and checkpoint interchange with Chainer's and
+ChainerMN's links."""
 
 import os
 import tempfile
@@ -15,9 +17,9 @@ from mpi4py import MPI
 
 import multinode_bn
 from multinode_bn import MultiNodeBatchNormalization as MNBN
-from conftest import assert_close
-from conftest import assert_matches_reference
-from conftest import Result
+from conftest import Result, assert_close, assert_matches_reference
+
+everywhere = pytest.mark.parallel(nprocs=[1, 2, 3])
 
 
 class Block(chainer.Chain):
@@ -120,6 +122,17 @@ def test_single_link_is_converted_and_reverted():
     back = multinode_bn.revert_mnbn_model(synced)
     assert type(back) is L.BatchNormalization
     assert synced.comm is MPI.COMM_WORLD
+
+
+def test_lazy_link_conversion_keeps_pending_initial_statistics():
+    bn = L.BatchNormalization(None, axis=0, initial_avg_mean=1.0,
+                              initial_avg_var=4.0)
+    synced = multinode_bn.create_mnbn_model(bn, MPI.COMM_SELF)
+    back = multinode_bn.revert_mnbn_model(synced)
+    x = numpy.full((2, 3), 3.0, numpy.float32)
+    with chainer.using_config('train', False):
+        for link in (bn, synced, back):
+            numpy.testing.assert_allclose(link(x).array, 1.0, rtol=1e-4)
 
 
 def test_round_trip_reproduces_eval_outputs_bit_for_bit():
@@ -236,6 +249,36 @@ def test_checkpoints_interchange_with_chainer_and_chainermn_links(fmt):
                     assert int(dst.bn.N) == seed
 
 
+def test_checkpoint_interchanges_with_chainer_batch_normalization():
+    rng = numpy.random.RandomState(6)
+    ours = MNBN(4, MPI.COMM_SELF)
+    theirs = L.BatchNormalization(4)
+    ours.gamma.array[:] = rng.rand(4)
+    ours.beta.array[:] = rng.rand(4)
+    ours.avg_mean[:] = rng.rand(4)
+    ours.avg_var[:] = rng.rand(4) + 1
+    ours.N = 7
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, 'bn.npz')
+        chainer.serializers.save_npz(path, ours)
+        chainer.serializers.load_npz(path, theirs)
+        for name in ('avg_mean', 'avg_var'):
+            numpy.testing.assert_array_equal(getattr(theirs, name),
+                                             getattr(ours, name))
+        numpy.testing.assert_array_equal(theirs.gamma.array, ours.gamma.array)
+        numpy.testing.assert_array_equal(theirs.beta.array, ours.beta.array)
+        assert int(theirs.N) == 7
+        back = MNBN(4, MPI.COMM_SELF)
+        theirs.avg_mean *= 3
+        chainer.serializers.save_npz(path, theirs)
+        chainer.serializers.load_npz(path, back)
+        numpy.testing.assert_array_equal(back.avg_mean, theirs.avg_mean)
+        numpy.testing.assert_array_equal(back.gamma.array, theirs.gamma.array)
+    x = rng.randn(3, 4).astype(numpy.float32)
+    with chainer.using_config('train', False):
+        numpy.testing.assert_array_equal(back(x).array, theirs(x).array)
+
+
 def test_revert_also_accepts_chainermn_links():
     comm = chainermn.create_communicator('naive')
     with warnings.catch_warnings():
@@ -319,3 +362,84 @@ def test_sequential_with_lambda_converted_in_place_matches_global_bn():
         Result(y, gx, None, None, ours.avg_mean, ours.avg_var),
         Result(y_all, gx_all, None, None, theirs.avg_mean, theirs.avg_var),
         offset, n, world.size, rtol=1e-4, atol=1e-5, params=False)
+
+
+# --- Sequential models with plain functions: checkpoint keys kept ------------
+
+def sequential_with_function(seed):
+    model = chainer.Sequential(L.Linear(4, 4), F.relu, L.BatchNormalization(4),
+                               L.Linear(4, 4))
+    rng = numpy.random.RandomState(seed)
+    for param in model.params():
+        param.array[...] = rng.standard_normal(param.shape)
+    bn = model[2]
+    bn.avg_mean[...] = rng.standard_normal(4)
+    bn.avg_var[...] = rng.uniform(1, 2, 4)
+    bn.N = seed
+    return model
+
+
+def saved(model):
+    """The checkpoint of ``model``: key -> array."""
+    handle, path = tempfile.mkstemp(suffix='.npz')
+    os.close(handle)
+    try:
+        chainer.serializers.save_npz(path, model)
+        with numpy.load(path) as npz:
+            return {key: npz[key] for key in npz.files}
+    finally:
+        os.remove(path)
+
+
+def load(model, checkpoint):
+    handle, path = tempfile.mkstemp(suffix='.npz')
+    os.close(handle)
+    try:
+        numpy.savez(path, **checkpoint)
+        chainer.serializers.load_npz(path, model)
+    finally:
+        os.remove(path)
+
+
+def eval_output(model, x):
+    with chainer.using_config('train', False):
+        return model(x).array
+
+
+@everywhere
+def test_sequential_conversion_keeps_checkpoint_keys_and_values():
+    model = sequential_with_function(1)
+    original = saved(model)
+    converted = multinode_bn.create_mnbn_model(model, MPI.COMM_WORLD)
+    reverted = multinode_bn.revert_mnbn_model(converted)
+    for copy in (converted, reverted):
+        mine = saved(copy)
+        assert sorted(mine) == sorted(original)
+        for key, value in original.items():
+            # The two Linear(4, 4) have the same shape: a swap of their keys
+            # would load silently with the wrong weights.
+            numpy.testing.assert_array_equal(mine[key], value, err_msg=key)
+    assert isinstance(converted[2], multinode_bn.MultiNodeBatchNormalization)
+    assert converted[1] is F.relu
+    x = numpy.random.RandomState(2).randn(5, 4).astype(numpy.float32)
+    expected = eval_output(model, x)
+    numpy.testing.assert_array_equal(eval_output(converted, x), expected)
+    numpy.testing.assert_array_equal(eval_output(reverted, x), expected)
+
+
+@everywhere
+def test_checkpoint_of_original_loads_into_converted_and_reverted_models():
+    model = sequential_with_function(1)
+    checkpoint = saved(model)
+    x = numpy.random.RandomState(3).randn(5, 4).astype(numpy.float32)
+    expected = eval_output(model, x)
+    # Differently initialized models of the same architecture.
+    converted = multinode_bn.create_mnbn_model(sequential_with_function(7),
+                                               MPI.COMM_WORLD)
+    reverted = multinode_bn.revert_mnbn_model(converted)
+    for target in (converted, reverted):
+        load(target, checkpoint)
+        numpy.testing.assert_array_equal(eval_output(target, x), expected)
+        assert target[2].N == 1
+        numpy.testing.assert_array_equal(target[0].W.array, model[0].W.array)
+        numpy.testing.assert_array_equal(target[3].W.array, model[3].W.array)

@@ -1,10 +1,14 @@
 """The module map at the top of docs/design.md holds: every module of the
 package is in it, imports only what its row names, and rows import only
-rows above them (the package root, for its version, is named where used)."""
+rows above them (the package root, for its version, is named where used).
+And the package imports without CuPy, its statistics layer without Chainer
+or MPI."""
 
 import ast
 import os
 import re
+import subprocess
+import sys
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), '..'))
 PACKAGE = os.path.join(ROOT, 'src', 'multinode_bn')
@@ -96,3 +100,54 @@ def test_rows_import_only_rows_above_them():
         assert not later, '{} may import {}, not above it'.format(
             module, sorted(later))
         above.add(_key(module))
+
+
+BLOCK_IMPORTS = r'''
+import sys
+class _Block(object):
+    def __init__(self, names):
+        self.names = names
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in self.names:
+            raise ImportError('blocked for this test: ' + name)
+        return None
+sys.meta_path.insert(0, _Block({names!r}))
+'''
+
+
+def _run_python(code, blocked):
+    script = BLOCK_IMPORTS.format(names=tuple(blocked)) + code
+    environ = dict(os.environ)
+    environ['PYTHONPATH'] = os.path.join(ROOT, 'src') + os.pathsep + \
+        environ.get('PYTHONPATH', '')
+    return subprocess.run([sys.executable, '-c', script],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, env=environ, cwd=ROOT,
+                          timeout=120)
+
+
+def test_package_imports_without_cupy():
+    proc = _run_python(
+        'import multinode_bn\n'
+        'import multinode_bn.statistics, multinode_bn.communication\n'
+        'assert "cupy" not in sys.modules\n'
+        'print("ok")\n', blocked=['cupy'])
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.strip().endswith('ok')
+
+
+def test_statistics_layer_imports_without_chainer_or_mpi():
+    # The statistics math and its CPU fast path know neither Chainer nor
+    # MPI: they can be checked on a machine with CuPy but no Chainer.
+    proc = _run_python(
+        'import importlib.util, os\n'
+        'spec = importlib.util.spec_from_file_location("multinode_bn", '
+        'os.path.join("src", "multinode_bn", "__init__.py"), '
+        'submodule_search_locations=[os.path.join("src", "multinode_bn")])\n'
+        'pkg = importlib.util.module_from_spec(spec)\n'
+        'sys.modules["multinode_bn"] = pkg\n'
+        'import multinode_bn.statistics, multinode_bn.cpu_kernels\n'
+        'assert not {"chainer", "mpi4py", "cupy"} & set(sys.modules)\n'
+        'print("ok")\n', blocked=['chainer', 'chainermn', 'cupy', 'mpi4py'])
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.strip().endswith('ok')

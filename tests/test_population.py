@@ -1,5 +1,7 @@
 """Exact population statistics over the data of all processes."""
 
+import warnings
+
 import numpy
 import pytest
 
@@ -9,7 +11,7 @@ import chainer.links as L
 from mpi4py import MPI
 
 import multinode_bn
-from conftest import assert_close
+from conftest import assert_close, on_every_rank
 
 everywhere = pytest.mark.parallel(nprocs=[1, 2, 3])
 
@@ -85,25 +87,11 @@ def assert_identical_on_every_rank(arrays, what):
         '{} differ between ranks'.format(what))
 
 
-def check_on_every_rank(*checks):
-    """Runs every check, then raises on every rank if any rank failed (a
-    rank raising alone would leave the others waiting in a collective)."""
-    failures = []
-    for check in checks:
-        try:
-            check()
-        except AssertionError as e:
-            failures.append(str(e))
-    failed = [r for r, f in enumerate(MPI.COMM_WORLD.allgather(
-        bool(failures))) if f]
-    if failed:
-        raise AssertionError('failed on rank(s) {}; this rank ({}): {}'.format(
-            failed, MPI.COMM_WORLD.rank, '\n'.join(failures) or 'passed'))
-
-
-def check_statistics(bn, mean, var, rtol, atol):
-    return [lambda: assert_close(bn.avg_mean, mean, rtol, atol, 'avg_mean'),
-            lambda: assert_close(bn.avg_var, var, rtol, atol, 'avg_var')]
+def check_statistics(ranks, bn, mean, var, rtol, atol):
+    """``bn``'s running statistics against ``mean`` and ``var``, as checks
+    of ``ranks`` (an :class:`on_every_rank` block)."""
+    ranks.check(assert_close, bn.avg_mean, mean, rtol, atol, 'avg_mean')
+    ranks.check(assert_close, bn.avg_var, var, rtol, atol, 'avg_var')
 
 
 @everywhere
@@ -122,9 +110,9 @@ def test_exhausting_uneven_shards_gives_population_statistics_of_all_data(
 
     assert steps == -(-max(sizes) // 2)
     expected = reference_statistics(model, shards, 2, steps)
-    check_on_every_rank(
-        *check_statistics(model[1], *expected[0], 1e-10, 1e-12),
-        *check_statistics(model[4], *expected[1], 1e-10, 1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, model[1], *expected[0], 1e-10, 1e-12)
+        check_statistics(ranks, model[4], *expected[1], 1e-10, 1e-12)
     assert model[1].N == model[4].N == steps
     assert_identical_on_every_rank(
         [model[1].avg_mean, model[1].avg_var, model[4].avg_mean,
@@ -148,9 +136,9 @@ def test_n_batches_of_repeating_iterators_counts_each_sample_seen():
     order = [0, 1, 2, 3, 0, 1]
     replayed = [sh[order] for sh in shards]
     expected = reference_statistics(model, replayed, 3, 2)
-    check_on_every_rank(
-        *check_statistics(model[1], *expected[0], 1e-10, 1e-12),
-        *check_statistics(model[4], *expected[1], 1e-10, 1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, model[1], *expected[0], 1e-10, 1e-12)
+        check_statistics(ranks, model[4], *expected[1], 1e-10, 1e-12)
     assert it.current_position == 2 and it.epoch == 1  # advanced, not rewound
 
 
@@ -167,8 +155,9 @@ def test_float32_model_statistics_match_float64_numpy_and_agree_bitwise():
     multinode_bn.update_population_statistics(model, it, comm)
     h1 = data.astype(numpy.float32).astype(numpy.float64) @ numpy.asarray(
         model[0].W.array, numpy.float64).T + model[0].b.array
-    check_on_every_rank(*check_statistics(
-        model[1], h1.mean(axis=0), h1.var(axis=0, ddof=1), 1e-5, 1e-5))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, model[1], h1.mean(axis=0),
+                         h1.var(axis=0, ddof=1), 1e-5, 1e-5)
     assert model[1].avg_mean.dtype == numpy.float32
     assert_identical_on_every_rank(
         [model[1].avg_mean, model[1].avg_var, model[4].avg_mean,
@@ -186,9 +175,9 @@ def test_plain_chainer_bn_gets_statistics_of_its_own_process_only():
                                           shuffle=False)
     multinode_bn.update_population_statistics(model, it, comm)
     local = shards[comm.rank]
-    check_on_every_rank(*check_statistics(
-        model[0], local.mean(axis=0), local.var(axis=0, ddof=1), 1e-12,
-        1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, model[0], local.mean(axis=0),
+                         local.var(axis=0, ddof=1), 1e-12, 1e-12)
 
 
 @everywhere
@@ -250,8 +239,9 @@ def test_tuple_batches_call_the_model_with_each_array():
         list(zip(data[mine], labels[mine])), 2, repeat=False, shuffle=False)
     multinode_bn.update_population_statistics(classifier, it, comm)
     h1 = data @ predictor[0].W.array.T + predictor[0].b.array
-    check_on_every_rank(*check_statistics(
-        predictor[1], h1.mean(axis=0), h1.var(axis=0, ddof=1), 1e-10, 1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, predictor[1], h1.mean(axis=0),
+                         h1.var(axis=0, ddof=1), 1e-10, 1e-12)
 
 
 @pytest.mark.parallel(nprocs=[1, 2])
@@ -273,9 +263,9 @@ def test_channel_last_inputs_are_recorded_on_their_logical_axes():
         shuffle=False)
     multinode_bn.update_population_statistics(bn, it, comm,
                                               forward=channel_last)
-    check_on_every_rank(*check_statistics(
-        bn, data.mean(axis=(0, 2, 3)), data.var(axis=(0, 2, 3), ddof=1),
-        1e-12, 1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, bn, data.mean(axis=(0, 2, 3)),
+                         data.var(axis=(0, 2, 3), ddof=1), 1e-12, 1e-12)
 
 
 @pytest.mark.parallel(nprocs=[2])
@@ -324,8 +314,9 @@ def test_extension_runs_before_chainermn_multi_node_evaluator(tmp_path):
     # first BN's input over the training data of both processes.
     h = train_x.astype(numpy.float64) @ predictor[0].W.array.T.astype(
         numpy.float64) + predictor[0].b.array
-    check_on_every_rank(*check_statistics(
-        predictor[1], h.mean(axis=0), h.var(axis=0, ddof=1), 1e-5, 1e-5))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, predictor[1], h.mean(axis=0),
+                         h.var(axis=0, ddof=1), 1e-5, 1e-5)
     # ... and the evaluation that followed used them: the mean over the
     # processes of each one's validation loss in evaluation mode now.
     with chainer.using_config('train', False):
@@ -350,8 +341,9 @@ def test_links_on_sub_communicators_merge_over_their_group_only():
     multinode_bn.update_population_statistics(bn, it, world)
     mates = numpy.concatenate([shards[r] for r in range(world.size)
                                if r % 2 == world.rank % 2])
-    check_on_every_rank(*check_statistics(
-        bn, mates.mean(axis=0), mates.var(axis=0, ddof=1), 1e-12, 1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, bn, mates.mean(axis=0),
+                         mates.var(axis=0, ddof=1), 1e-12, 1e-12)
     group.Free()
 
 
@@ -395,9 +387,37 @@ def test_link_called_twice_per_batch_counts_both_inputs():
     steps = multinode_bn.update_population_statistics(holder, it, comm,
                                                       forward=twice)
     both = numpy.concatenate([data * 2.0, data])
-    check_on_every_rank(*check_statistics(
-        bn, both.mean(axis=0), both.var(axis=0, ddof=1), 1e-12, 1e-12))
+    with on_every_rank() as ranks:
+        check_statistics(ranks, bn, both.mean(axis=0),
+                         both.var(axis=0, ddof=1), 1e-12, 1e-12)
     assert bn.N == 2 * steps
+
+
+@everywhere
+def test_population_statistics_of_uneven_shards_are_exact_without_warnings():
+    comm = MPI.COMM_WORLD
+    sizes = [23, 29, 17][:comm.size]
+    data = 3.0 + numpy.random.RandomState(12).standard_normal(
+        (sum(sizes), 3))
+    mine = shards_of(data, sizes)[comm.rank].copy()
+    model = chainer.Sequential(multinode_bn.MultiNodeBatchNormalization(
+        3, comm, dtype=numpy.float64))
+    it = chainer.iterators.SerialIterator(mine, 5, repeat=False,
+                                          shuffle=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        multinode_bn.update_population_statistics(model, it, comm)
+    warned = [str(w.message) for w in caught
+              if not issubclass(w.category, (DeprecationWarning,
+                                             FutureWarning))]
+    with on_every_rank() as ranks:
+        for what, expected in (('avg_mean', data.mean(axis=0)),
+                               ('avg_var', data.var(axis=0, ddof=1))):
+            # atol relative to the largest expected magnitude
+            scale = max(1.0, numpy.abs(expected).max())
+            ranks.check(assert_close, getattr(model[0], what), expected,
+                        1e-12, 1e-12 * scale, what)
+        assert not warned, 'warned: {}'.format(warned)
 
 
 @pytest.mark.parametrize('offset', [5.0, 1e4])

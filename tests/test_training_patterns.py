@@ -4,15 +4,11 @@ recomputation, previews, resume, GANs, ...): each script runs on our model
 ``L.BatchNormalization`` in one process on the concatenated batches, in
 float64 unless the pattern is about another dtype. Compared: per-process
 outputs and input gradients (the process's rows of the reference's), running
-statistics, and parameter gradients summed over processes."""
+statistics, and parameter gradients summed over processes. Last, a
+segmentation network with pyramid pooling, converted by
+``create_mnbn_model``, against the same network in one process."""
 
 import copy
-import io
-import os
-import subprocess
-import sys
-import threading
-import warnings
 
 import numpy
 import pytest
@@ -23,8 +19,7 @@ import chainer.links as L
 from mpi4py import MPI
 
 import multinode_bn
-from multinode_bn import communication
-from conftest import CountingComm, assert_close
+from conftest import assert_close, on_every_rank
 
 everywhere = pytest.mark.parallel(nprocs=[1, 2, 3])
 parallel = pytest.mark.parallel(nprocs=[2, 3])
@@ -45,60 +40,18 @@ SUMMED = 'summed'      # summed over processes
 SHARED = 'shared'      # the same on every process
 
 
-class RaisedEverywhere(AssertionError):
-    """Raised on every process at once."""
+def agreed(step):
+    """``step()``'s result; raises on every process if it raised on any."""
+    with on_every_rank():
+        return step()
 
 
-def outcomes(step, comm=MPI.COMM_WORLD):
-    """``step()``'s result here, and every process's error (``None``: none)."""
-    try:
-        result, error = step(), None
-    except RaisedEverywhere:
-        raise
-    except Exception as e:
-        result, error = None, '{}: {}'.format(type(e).__name__, e)
-    return result, comm.allgather(error)
-
-
-def agreed(step, comm=MPI.COMM_WORLD):
-    """``step()``'s result; raises on every process if it raised on any (one
-    process raising alone would leave the others waiting)."""
-    result, errors = outcomes(step, comm)
-    if any(errors):
-        raise RaisedEverywhere('raised on rank(s) {}:\n{}'.format(
-            [r for r, e in enumerate(errors) if e], '\n'.join(
-                '  rank {}: {}'.format(r, e) for r, e in enumerate(errors)
-                if e)))
-    return result
-
-
-class Checks(object):
-    """Collects failed comparisons; :meth:`done` raises on every process if
-    any process failed."""
-
-    def __init__(self, comm=MPI.COMM_WORLD):
-        self.comm, self.failures = comm, []
-
-    def close(self, what, actual, expected, tol):
-        expected = numpy.asarray(expected, numpy.float64)
-        scale = max(1.0, numpy.abs(expected).max(initial=0.0))
-        try:
-            assert_close(actual, expected, tol['rtol'], tol['atol'] * scale,
-                         what)
-        except AssertionError as e:
-            self.failures.append(str(e))
-
-    def true(self, what, condition):
-        if not condition:
-            self.failures.append('{} on rank {}'.format(what, self.comm.rank))
-
-    def done(self):
-        failed = [r for r, f in enumerate(self.comm.allgather(
-            bool(self.failures))) if f]
-        if failed:
-            raise AssertionError('failed on rank(s) {}; this rank ({}):\n{}'
-                                 .format(failed, self.comm.rank,
-                                         '\n'.join(self.failures) or 'passed'))
+def close(what, actual, expected, tol):
+    """``actual`` against ``expected``, with ``tol['atol']`` relative to the
+    largest expected magnitude."""
+    expected = numpy.asarray(expected, numpy.float64)
+    scale = max(1.0, numpy.abs(expected).max(initial=0.0))
+    assert_close(actual, expected, tol['rtol'], tol['atol'] * scale, what)
 
 
 def draw(seed, tail=TAIL, sizes=None, loc=1.0):
@@ -214,25 +167,28 @@ def sgd(model, side):
 
 def check(ours, ref, tol, side):
     """Our results (``side``) against the reference's; collective."""
-    checks = Checks()
-    checks.true('compared values differ: {} against {}'.format(
-        sorted(ours), sorted(ref)), sorted(ours) == sorted(ref))
-    for name in sorted(ref):
-        kind, expected = ref[name]
-        actual = ours.get(name, (kind, None))[1]
-        if kind == SUMMED:
-            if expected is None:
-                continue
-            mine = numpy.full(numpy.shape(expected), numpy.nan) \
-                if actual is None else numpy.asarray(actual, numpy.float64)
-            checks.close(name + ' summed over processes',
-                         MPI.COMM_WORLD.allreduce(mine), expected, tol)
-        elif kind == ROWS:
-            if actual is not None:  # rows this process computed
-                checks.close(name, actual, side.rows(expected), tol)
-        else:
-            checks.close(name, actual, expected, tol)
-    checks.done()
+    with on_every_rank() as ranks:
+        for name in sorted(ref):
+            kind, expected = ref[name]
+            actual = ours.get(name, (kind, None))[1]
+            if kind == SUMMED:
+                if expected is None:
+                    continue
+                mine = numpy.full(numpy.shape(expected), numpy.nan) \
+                    if actual is None else numpy.asarray(actual,
+                                                         numpy.float64)
+                ranks.check(close, name + ' summed over processes',
+                            MPI.COMM_WORLD.allreduce(mine), expected, tol)
+            elif kind == ROWS:
+                if actual is not None:  # rows this process computed
+                    ranks.check(close, name, actual, side.rows(expected),
+                                tol)
+            else:
+                ranks.check(close, name, actual, expected, tol)
+        # (last: the loop above makes collectives)
+        assert sorted(ours) == sorted(ref), (
+            'compared values differ: {} against {}'.format(sorted(ours),
+                                                           sorted(ref)))
 
 
 def compare(script, tol=EXACT, comm=None, **kwargs):
@@ -316,13 +272,14 @@ def test_double_backward_matches_central_finite_differences_on_one_process():
     def loss():
         return penalty_numpy(x, gamma, beta, link.eps, c)
 
-    checks = Checks()
-    checks.close('penalty', penalty.array, loss(), EXACT)
     tol = dict(rtol=1e-6, atol=1e-6)
-    checks.close('gamma.grad', link.gamma.grad, central(loss, gamma), tol)
-    checks.close('beta.grad', link.beta.grad, central(loss, beta), tol)
-    checks.close('x.grad', xv.grad, central(loss, x), tol)
-    checks.done()
+    with on_every_rank() as ranks:
+        ranks.check(close, 'penalty', penalty.array, loss(), EXACT)
+        ranks.check(close, 'gamma.grad', link.gamma.grad,
+                    central(loss, gamma), tol)
+        ranks.check(close, 'beta.grad', link.beta.grad, central(loss, beta),
+                    tol)
+        ranks.check(close, 'x.grad', xv.grad, central(loss, x), tol)
 
 
 @everywhere
@@ -346,7 +303,7 @@ def test_gradient_penalty_through_conv_bn_network_matches_global_bn():
     compare(script)
 
 
-# --- Identities, stalls, versions, threads
+# --- Identities
 
 
 @parallel
@@ -367,109 +324,6 @@ def test_model_built_on_one_process_only_leaves_training_exact():
         out.update(train(model, side, x2, w, 'step 2 '))
         return out
     compare(script, comm=comm)
-
-
-def test_stall_policy_ends_a_stall_after_a_finite_limit_by_default():
-    policy = communication.StallPolicy()
-    assert (policy.timeout, getattr(policy, 'abort_after', None)) == (
-        60.0, 1800.0), policy
-    from_env = communication.StallPolicy.from_environment
-    assert from_env({}).abort_after == 1800.0
-    assert from_env({'MULTINODE_BN_STALL_ABORT': '5'}).abort_after == 5.0
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for value, expected in ((None, '1800.0'), ('7', '7.0')):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith('MULTINODE_BN_STALL')
-               and k != '_PYTEST_MPI_CHILD_PROCESS'}
-        if value is not None:
-            env['MULTINODE_BN_STALL_ABORT'] = value
-        proc = subprocess.run(
-            [sys.executable, '-c', 'import multinode_bn; print(getattr('
-             'multinode_bn.get_stall_policy(), "abort_after", "missing"))'],
-            capture_output=True, text=True, timeout=120, env=env, cwd=root)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split() == [expected], (value, proc.stdout)
-
-
-@parallel
-def test_skipped_call_ends_in_stall_error_everywhere_with_default_action():
-    comm = MPI.COMM_WORLD
-    a = multinode_bn.MultiNodeBatchNormalization(3, comm)
-    b = multinode_bn.MultiNodeBatchNormalization(3, comm)
-    x = numpy.random.RandomState(comm.rank).standard_normal((4, 3)).astype(
-        numpy.float32)
-    a(x), b(x)
-    stream = io.StringIO()
-
-    def run():
-        # The first limit only reports; the second ends the wait.
-        p = communication.set_stall_policy(timeout=0.2, stream=stream,
-                                           abort_after=1.5)
-        try:
-            if comm.rank != 0:
-                a(x)   # rank 0 skips this call
-            b(x)
-        except communication.StallError as e:
-            return str(e)
-        finally:
-            communication.set_stall_policy(p.timeout, p.action, p.stream,
-                                           abort_after=p.abort_after)
-    messages = agreed(run)
-    checks = Checks()
-    checks.true('no StallError ({!r})'.format(messages), messages)
-    checks.true('no report at the first limit', stream.getvalue())
-    checks.done()
-
-
-@parallel
-def test_processes_running_different_versions_raise_naming_both(
-        monkeypatch):
-    comm = MPI.COMM_WORLD
-    real, stale = multinode_bn.__version__, '0.0.1.stale'
-    if comm.rank == 1:
-        monkeypatch.setattr(multinode_bn, '__version__', stale)
-    link = multinode_bn.MultiNodeBatchNormalization(3, comm)
-    x = numpy.ones((2, 3), numpy.float32) * comm.rank
-    _, errors = outcomes(lambda: link(x))
-    checks = Checks()
-    checks.true('raised on rank(s) {}, not on every rank'.format(
-        [r for r, e in enumerate(errors) if e]), all(errors))
-    mine = errors[comm.rank] or ''
-    checks.true('error does not name versions {} and {}: {!r}'.format(
-        real, stale, mine), real in mine and stale in mine)
-    checks.done()
-
-
-@everywhere
-def test_second_thread_taking_its_turn_on_a_link_raises_before_exchanging():
-    comm = CountingComm()
-    x = numpy.random.RandomState(comm.rank).standard_normal((3, 3))
-    checks = Checks()
-    for round in range(20):
-        link = multinode_bn.MultiNodeBatchNormalization(3, comm)
-        results = {}
-
-        def call(name):
-            try:
-                link(x)
-                results[name] = 'ok'
-            except Exception as e:
-                results[name] = '{}: {}'.format(type(e).__name__, e)
-        first = threading.Thread(target=call, args=('first thread',))
-        first.start()
-        first.join()
-        before = len(comm.calls)
-        second = threading.Thread(target=call, args=('second thread',))
-        second.start()
-        second.join()
-        checks.true('round {}: {}, collectives after the second thread\'s '
-                    'call: {}'.format(round, results, comm.calls[before:]),
-                    results['first thread'] == 'ok'
-                    and results['second thread'].startswith('RuntimeError')
-                    and len(comm.calls) == before)
-        if MPI.COMM_WORLD.allreduce(bool(checks.failures), op=MPI.LOR):
-            break
-    checks.done()
 
 
 # --- Copies
@@ -512,34 +366,6 @@ def test_link_copied_after_its_first_call_trains_like_the_original(
         out.update(train(original, side, x2, w, 'original ', params=True))
         return out
     compare(script, tol, x_dtype=dtypes[0], bn_dtype=dtypes[1])
-
-
-# --- Population statistics
-
-
-@everywhere
-def test_population_statistics_of_uneven_shards_are_exact_without_warnings():
-    comm = MPI.COMM_WORLD
-    sizes = [23, 29, 17][:comm.size]
-    data = draw(12, (3,), sizes, loc=3.0)
-    mine = Side(comm, sizes).view(data)
-    model = chainer.Sequential(multinode_bn.MultiNodeBatchNormalization(
-        3, comm, dtype=numpy.float64))
-    it = chainer.iterators.SerialIterator(mine, 5, repeat=False,
-                                          shuffle=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        multinode_bn.update_population_statistics(model, it, comm)
-    warned = [str(w.message) for w in caught
-              if not issubclass(w.category, (DeprecationWarning,
-                                             FutureWarning))]
-    checks = Checks()
-    checks.true('warned: {}'.format(warned), not warned)
-    checks.close('avg_mean', model[0].avg_mean, data.mean(axis=0),
-                 dict(rtol=1e-12, atol=1e-12))
-    checks.close('avg_var', model[0].avg_var, data.var(axis=0, ddof=1),
-                 dict(rtol=1e-12, atol=1e-12))
-    checks.done()
 
 
 # --- Patterns that work: keep them exact
@@ -746,3 +572,143 @@ def test_gan_step_matches_global_bn():
         out['fake'] = (ROWS, fake.array)
         return out
     compare(script)
+
+
+# --- A segmentation network, as PSPNet and DeepLab are built -----------------
+#
+# One image per process, converted by ``create_mnbn_model``: it computes what
+# the same network with ``L.BatchNormalization`` computes in one process on
+# the concatenated batch. Pyramid pooling averages the feature map down to
+# bins as small as 1x1, where a local batch of one image leaves one value
+# per channel (variance zero), and ``F.resize_images`` brings each branch
+# back up: these are the models synchronized batch normalization exists
+# for, and ``F.resize_images`` is where an install with NumPy 1.24 or newer
+# fails (``numpy.float``).
+
+IMAGE_SIZE = 16    # input images are IMAGE_SIZE x IMAGE_SIZE
+BINS = (1, 2, 4)   # pyramid pooling bins, down to 1x1
+
+
+class ConvBNReLU(chainer.Chain):
+
+    def __init__(self, in_channels, out_channels, ksize, stride=1):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(in_channels, out_channels, ksize,
+                                        stride=stride, pad=ksize // 2,
+                                        nobias=True)
+            self.bn = L.BatchNormalization(out_channels)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class PyramidPooling(chainer.ChainList):
+    """PSPNet's pyramid pooling: for each bin count, average pooling to
+    ``bins x bins``, 1x1 conv-BN-relu, resize back; concatenated with the
+    input."""
+
+    def __init__(self, channels, bins):
+        super().__init__(*[ConvBNReLU(channels, channels // len(bins), 1)
+                           for _ in bins])
+        self.bins = bins
+
+    def forward(self, x):
+        height, width = x.shape[2:]
+        branches = [x]
+        for bins, branch in zip(self.bins, self):
+            k = (height // bins, width // bins)
+            h = F.average_pooling_2d(x, k, stride=k)
+            branches.append(F.resize_images(branch(h), (height, width)))
+        return F.concat(branches, axis=1)
+
+
+class TinySegmenter(chainer.Chain):
+    """Encoder (stride 2), pyramid pooling, conv-BN head, per-pixel class
+    scores resized to the input size, as in DeepLab's decoder."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        with self.init_scope():
+            self.encoder = chainer.Sequential(
+                ConvBNReLU(3, 8, 3), ConvBNReLU(8, 12, 3, stride=2))
+            self.pyramid = PyramidPooling(12, BINS)
+            self.head = ConvBNReLU(24, 8, 3)
+            self.classifier = L.Convolution2D(8, classes, 1)
+
+    def forward(self, x):
+        h = self.classifier(self.head(self.pyramid(self.encoder(x))))
+        return F.resize_images(h, x.shape[2:])
+
+
+def _forward_backward(model, x):
+    """Output, input gradient, parameter gradients of ``sum(y ** 2)``."""
+    xv = chainer.Variable(x)
+    y = model(xv)
+    model.cleargrads()
+    F.sum(y * y).backward()
+    grads = {name: param.grad.copy() for name, param in model.namedparams()}
+    return y.array, xv.grad, grads
+
+
+def _running_statistics(model):
+    return {name: (link.avg_mean.copy(), link.avg_var.copy())
+            for name, link in model.namedlinks()
+            if isinstance(link, L.BatchNormalization)}
+
+
+@parallel
+def test_pyramid_pooling_segmenter_matches_one_process_on_whole_batch():
+    comm = MPI.COMM_WORLD
+    rank, size = comm.rank, comm.size
+    numpy.random.seed(0)   # Chainer's initializers: same weights everywhere
+    with chainer.using_config('dtype', numpy.float64):
+        model = TinySegmenter()
+    reference_model = copy.deepcopy(model)
+    synced = multinode_bn.create_mnbn_model(model, comm)
+    assert sum(isinstance(link, multinode_bn.MultiNodeBatchNormalization)
+               for link in synced.links()) == 3 + len(BINS)
+
+    images = numpy.random.RandomState(1).standard_normal(
+        (size, 3, IMAGE_SIZE, IMAGE_SIZE))
+    # Chainer's resize and pooling functions accept float32 only unless the
+    # type check is off.
+    with chainer.using_config('type_check', False):
+        y_all, gx_all, grads_all = _forward_backward(reference_model, images)
+        y, gx, grads = _forward_backward(synced, images[rank:rank + 1])
+        with chainer.using_config('train', False):
+            y_eval_all = reference_model(images).array
+            y_eval = synced(images[rank:rank + 1]).array
+
+    checks = [('output', y, y_all[rank:rank + 1]),
+              ('input gradient', gx, gx_all[rank:rank + 1])]
+    for name in sorted(grads_all):
+        summed = comm.allreduce(grads[name])
+        checks.append(('gradient of {} summed over processes'.format(name),
+                       summed, grads_all[name]))
+    ours, theirs = _running_statistics(synced), _running_statistics(
+        reference_model)
+    assert sorted(ours) == sorted(theirs)
+    for name in sorted(theirs):
+        checks.append(('avg_mean of ' + name, ours[name][0], theirs[name][0]))
+        checks.append(('avg_var of ' + name, ours[name][1], theirs[name][1]))
+    checks.append(('evaluation output', y_eval, y_eval_all[rank:rank + 1]))
+    with on_every_rank() as ranks:
+        for what, actual, expected in checks:
+            ranks.check(numpy.testing.assert_allclose, actual, expected,
+                        rtol=1e-9, atol=1e-11, err_msg='{} (shape {})'.format(
+                            what, numpy.shape(actual)))
+        # The 1x1 bin holds one value per channel and process: its variance
+        # comes from the other processes' images alone (a local batch of one
+        # image has none), and it moved the running variance.
+        assert numpy.abs(ours['/pyramid/0/bn'][1] - 0.9).max() > 1e-5
+
+
+def test_resize_images_runs_under_the_installed_numpy():
+    # Chainer 7.8.1's F.resize_images uses numpy.float (removed in NumPy
+    # 1.24): the install pins numpy<1.24 so that it runs.
+    x = numpy.arange(8, dtype=numpy.float32).reshape(1, 2, 2, 2)
+    y = F.resize_images(x, (3, 3)).array
+    # Bilinear with aligned corners: the centre is the mean of the corners.
+    numpy.testing.assert_allclose(y[:, :, 1, 1], x.mean(axis=(2, 3)))
+    numpy.testing.assert_allclose(y[:, :, ::2, ::2], x)
