@@ -221,7 +221,7 @@ def collective_costs(world, channel_counts, iters):
     """
     from multinode_bn import communication
     from multinode_bn import validation
-    header = validation.exchange_tag(validation.exchange_digest('bench'))
+    tag = validation.exchange_tag(validation.exchange_digest('bench'))
     rows = []
     for channels in channel_counts:
         exchange = communication.create_exchange(world, 'mpi')
@@ -230,8 +230,8 @@ def collective_costs(world, channel_counts, iters):
         sums = numpy.zeros((2, channels))
         send = numpy.zeros(2 * channels, dtype=numpy.float32)
         recv = numpy.empty_like(send)
-        steps = [lambda: exchange.allreduce_sums(shifted, header),
-                 lambda: exchange.allreduce_sums(sums, header),
+        steps = [lambda: exchange.allreduce_sums(shifted, tag),
+                 lambda: exchange.allreduce_sums(sums, tag),
                  lambda: world.Allreduce(send, recv, op=MPI.SUM)]
         medians = []
         for step in steps:
@@ -549,7 +549,7 @@ def main():
         say()
         say('One collective alone, us per call (median, slowest rank): ours '
             'forward and backward (one Iallreduce, built-in SUM, of the '
-            '11-value in-band header and 1 + 2 C float64; the backward\'s '
+            '12-value tag and 1 + 2 C float64; the backward\'s '
             '2 C sums padded to that size), and ChainerMN\'s per-direction '
             'blocking Allreduce of 2 C float32')
         say('{:>8} {:>14} {:>14} {:>16}'.format('C', 'ours forward',

@@ -2,10 +2,10 @@
 
 Run as ``mpiexec -n 2 python benchmarks/bench_validation.py``. Prints, per
 shape, the median forward+backward time of one link in steady state, the
-time of what the checks add to one call on the host (the input description
-of ``prepare``, and for each of the two exchanges the digest of its
-identity, its in-band header and the test of the summed header; the header
-adds 11 float64 values to each exchange and no collective), and the time in
+time of what the checks add to one call on the host (``begin_call``'s
+input record, and for each of the two exchanges the digest of its identity,
+its tag and the test of the summed tag; the tag adds 12 float64 values to
+each exchange and no collective), and the time in
 debug mode (a finiteness test of the local statistics per exchange, still
 no extra collective).
 """
