@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py Makefile | check-python
 # The C loops of multinode_bn.cpu_kernels, rebuilt when their source changes.
 # The old build goes first: pip only warns when the optional extension fails
 # to compile, and the import below must then fail rather than find it.
-EXT_SRC := src/multinode_bn/_cpu_kernels.c
+EXT_SRC := src/multinode_bn/_cpu_kernels.c src/multinode_bn/_cpu_kernels_loops.h
 EXT_STAMP := $(VENV)/.extension
 
 $(EXT_STAMP): $(EXT_SRC) $(STAMP)

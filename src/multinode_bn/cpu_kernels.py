@@ -20,9 +20,10 @@ Local moments
     deviations from the mean, the sums are taken again around the mean.
 
 Normalization, input gradient
-    ``y = (x - m) * scale + offset`` and ``gx = p * gy + q * (x - m) + r``
-    in the dtype of ``x``, ``m`` the mean rounded to that dtype (the
-    remainder is folded into ``offset`` and ``r`` in float64).
+    ``y = (x - centre) * scale + offset`` and
+    ``gx = p * gy + q * (x - centre) + r`` in the dtype of ``x``, ``centre``
+    the mean rounded to that dtype (the remainder is folded into ``offset``
+    and ``r`` in float64).
 
 Backward sums
     ``sum gy`` and ``sum gy * (x - mean)`` per channel, ``x - mean`` formed
@@ -81,40 +82,39 @@ class CpuStatistics(object):
         rows, channels, inner = x3.shape
         shift = numpy.empty(channels, dtype=statistics.MOMENTS_DTYPE)
         moments = numpy.empty((channels, 3), dtype=statistics.MOMENTS_DTYPE)
-        _native.local_moments(x3.itemsize, rows, channels, inner, x3, shift,
-                              moments, statistics.SHIFT_TOLERANCE)
+        _native.local_moments(rows, channels, inner, x3, shift, moments,
+                              statistics.SHIFT_TOLERANCE)
         return moments
 
     def normalize(self, x3, mean, scale, beta, out_dtype):
         x3 = _ready(x3, self.dtype)
         rows, channels, inner = x3.shape
-        m, rest = statistics.rounded_centre(mean, self.dtype)
+        centre, rest = statistics.rounded_centre(mean, self.dtype)
         coef = numpy.empty((3, channels), dtype=self.dtype)
-        coef[0] = m
+        coef[0] = centre
         coef[1] = scale
         coef[2] = beta + rest * scale
         y3 = numpy.empty(x3.shape, dtype=self.dtype)
-        _native.scale_shift(x3.itemsize, rows, channels, inner, x3, coef, y3)
+        _native.normalize(rows, channels, inner, x3, coef, y3)
         return y3.astype(out_dtype, copy=False)
 
     def backward_sums(self, x3, gy3, mean):
         x3, gy3 = _ready(x3, self.dtype), _ready(gy3, self.dtype)
         rows, channels, inner = x3.shape
         sums = numpy.empty((2, channels), dtype=statistics.MOMENTS_DTYPE)
-        _native.gradient_sums(x3.itemsize, rows, channels, inner, x3, gy3,
+        _native.backward_sums(rows, channels, inner, x3, gy3,
                               _ready(mean, statistics.MOMENTS_DTYPE), sums)
         return sums
 
     def input_gradient(self, x3, gy3, mean, p, q, r, out_dtype):
         x3, gy3 = _ready(x3, self.dtype), _ready(gy3, self.dtype)
         rows, channels, inner = x3.shape
-        m, rest = statistics.rounded_centre(mean, self.dtype)
+        centre, rest = statistics.rounded_centre(mean, self.dtype)
         coef = numpy.empty((4, channels), dtype=self.dtype)
-        coef[0] = m
+        coef[0] = centre
         coef[1] = p
         coef[2] = q
         coef[3] = r + q * rest
         gx3 = numpy.empty(x3.shape, dtype=self.dtype)
-        _native.input_gradient(x3.itemsize, rows, channels, inner, x3, gy3,
-                               coef, gx3)
+        _native.input_gradient(rows, channels, inner, x3, gy3, coef, gx3)
         return gx3.astype(out_dtype, copy=False)
