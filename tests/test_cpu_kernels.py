@@ -8,6 +8,7 @@ statistics backends in ``test_statistics.py``.
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy
 import pytest
@@ -99,9 +100,8 @@ def test_extension_is_built_where_the_install_expects_it():
 
 
 def test_backend_chosen_by_array_type_and_dtypes(monkeypatch):
-    from multinode_bn.functions import batch_normalization as fbn
     x32 = numpy.zeros((2, 3), numpy.float32)
-    choose = fbn.choose_statistics
+    choose = cpu_kernels.choose_statistics
     expected = 'C loops' if cpu_kernels.available() else 'reference'
     assert choose(x32, numpy.float32).name == expected
     assert choose(x32.astype(numpy.float64), numpy.float64).name == expected
@@ -114,6 +114,65 @@ def test_backend_chosen_by_array_type_and_dtypes(monkeypatch):
     monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', '0')
     assert choose(x32, numpy.float32).name == 'reference'
 
+
+
+@pytest.mark.parametrize('value, loops', [
+    ('0', False), ('off', False), ('false', False), (' No ', False),
+    ('1', True), ('on', True), ('TRUE', True), ('yes', True), ('', True),
+    (None, True)])
+def test_environment_variable_switches_the_loops(monkeypatch, value, loops):
+    if value is None:
+        monkeypatch.delenv('MULTINODE_BN_CPU_KERNELS', raising=False)
+    else:
+        monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', value)
+    x = numpy.zeros((2, 3), numpy.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        chosen = cpu_kernels.choose_statistics(x, numpy.float32)
+    assert not [w for w in caught if 'MULTINODE_BN' in str(w.message)]
+    expected = loops and cpu_kernels.available()
+    assert chosen.name == ('C loops' if expected else 'reference')
+
+
+def test_cupy_input_gets_the_reference_over_cupy(monkeypatch):
+    # A stand-in for CuPy: only its array type matters to the choice.
+    cupy = type(sys)('cupy')
+    cupy.ndarray = type('ndarray', (), {'dtype': numpy.dtype('float32')})
+    monkeypatch.setitem(sys.modules, 'cupy', cupy)
+    chosen = cpu_kernels.choose_statistics(cupy.ndarray(), numpy.float32)
+    assert chosen.name == 'reference' and chosen.xp is cupy
+    chosen = cpu_kernels.choose_statistics(numpy.zeros(3), numpy.float32)
+    assert chosen.xp is numpy
+
+
+def test_invalid_environment_variable_is_named_and_keeps_the_loops(
+        monkeypatch):
+    monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', 'maybe')
+    x = numpy.zeros((2, 3), numpy.float32)
+    with pytest.warns(RuntimeWarning,
+                      match="MULTINODE_BN_CPU_KERNELS='maybe'.*accepted"):
+        chosen = cpu_kernels.choose_statistics(x, numpy.float32)
+    expected = 'C loops' if cpu_kernels.available() else 'reference'
+    assert chosen.name == expected
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, '_native', None)
+    monkeypatch.setattr(cpu_kernels, '_warned_without_loops', [])
+    monkeypatch.delenv('MULTINODE_BN_CPU_KERNELS', raising=False)
+    x = numpy.zeros((2, 3), numpy.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        chosen = [cpu_kernels.choose_statistics(x, numpy.float32),
+                  cpu_kernels.choose_statistics(x.astype(numpy.float64),
+                                                numpy.float64),
+                  # Not served by the loops anyway: nothing to say.
+                  cpu_kernels.choose_statistics(x.astype(numpy.float16),
+                                                numpy.float16)]
+    said = [w for w in caught if 'C extension' in str(w.message)]
+    assert len(said) == 1 and said[0].category is RuntimeWarning
+    assert [c.name for c in chosen] == ['reference'] * 3
+    assert all(c.xp is numpy for c in chosen)
 
 WITHOUT_EXTENSION = r'''
 import sys
