@@ -30,10 +30,13 @@ $(STAMP): pyproject.toml setup.py Makefile | check-python
 	touch $(STAMP)
 
 # The C loops of multinode_bn.cpu_kernels, rebuilt when their source changes.
-EXT_SRC := src/multinode_bn/_cpu_kernels.c
+# The old build goes first: pip only warns when the optional extension fails
+# to compile, and the import below must then fail rather than find it.
+EXT_SRC := src/multinode_bn/_cpu_kernels.c src/multinode_bn/_cpu_kernels_loops.h
 EXT_STAMP := $(VENV)/.extension
 
 $(EXT_STAMP): $(EXT_SRC) $(STAMP)
+	rm -f src/multinode_bn/_cpu_kernels.*.so src/multinode_bn/_cpu_kernels.*.pyd
 	$(VPY) -m pip install --no-build-isolation --no-deps -e .
 	$(VPY) -c 'import multinode_bn._cpu_kernels'
 	touch $(EXT_STAMP)

@@ -18,6 +18,9 @@ else:
 setup(ext_modules=[Extension(
     'multinode_bn._cpu_kernels',
     sources=['src/multinode_bn/_cpu_kernels.c'],
+    # _cpu_kernels.c includes the loops: rebuild when they change, and ship
+    # them in the source distribution.
+    depends=['src/multinode_bn/_cpu_kernels_loops.h'],
     extra_compile_args=flags,
     optional=True,
 )])

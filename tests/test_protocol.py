@@ -1210,14 +1210,6 @@ def test_environment_variables_are_validated_and_never_break_the_import():
         assert "StallPolicy(timeout=60.0, action='report'" in proc.stdout
 
 
-def test_invalid_cpu_kernels_setting_is_named(monkeypatch):
-    from multinode_bn import cpu_kernels
-    monkeypatch.setenv('MULTINODE_BN_CPU_KERNELS', 'maybe')
-    with pytest.warns(RuntimeWarning, match='MULTINODE_BN_CPU_KERNELS'):
-        cpu_kernels.choose_statistics(numpy.zeros(1, numpy.float32),
-                                      numpy.float32)
-
-
 ABORT_SCRIPT = textwrap.dedent('''
     import numpy, sys
     from mpi4py import MPI
