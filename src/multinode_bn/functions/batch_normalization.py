@@ -1,11 +1,6 @@
-"""Synchronized batch normalization as Chainer function nodes.
-
-Chainer's own ``BatchNormalization`` node, with an ``impl_selector`` whose
-implementation computes local sums (:mod:`multinode_bn.statistics`) and
-combines them across processes with one collective in each direction
-(:mod:`multinode_bn.protocol`); its gradient node has a synchronized
-backward of its own, in closed form.
-"""
+"""Synchronized batch normalization as Chainer function nodes: Chainer's
+own ``BatchNormalization`` node with an ``impl_selector`` whose sums span
+the processes, its gradient node, and the functional API."""
 
 import collections
 import warnings
@@ -208,8 +203,8 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
 
     def backward(self, indexes, grad_outputs):
         x, gamma = self.get_retained_inputs()
-        gy, = grad_outputs
-        return MultiNodeBatchNormalizationGrad(self).apply((x, gamma, gy))
+        return MultiNodeBatchNormalizationGrad(self).apply(
+            (x, gamma, grad_outputs[0]))
 
 
 class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
