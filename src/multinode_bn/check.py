@@ -12,6 +12,7 @@ import numpy
 
 import multinode_bn
 from multinode_bn import communication
+from multinode_bn import validation
 from multinode_bn import cpu_kernels
 
 #: Errors allowed against float64 NumPy, relative to the largest value.
@@ -146,23 +147,29 @@ def run_link(comm, dtype):
 
 
 def measure_latency(comm, calls):
-    """Median seconds of a link's training-mode forward (one exchange) and
-    of a plain ``Allreduce`` of the ``1 + 2C`` float64 sums it exchanges."""
+    """Median seconds of a link's training-mode forward, of its exchange
+    alone (one ``Iallreduce`` of the link's width: the tag and the
+    ``1 + 2C`` sums), and of a plain ``Allreduce`` of as many float64."""
     link = multinode_bn.MultiNodeBatchNormalization(CHANNELS, comm)
     link.label = 'multinode_bn.check (latency)'
     x = numpy.arange(4 * CHANNELS, dtype=numpy.float32).reshape(4, CHANNELS)
-    send, receive = numpy.ones(1 + 2 * CHANNELS), numpy.empty(1 + 2 * CHANNELS)
-    link_times, allreduce_times = [], []
+    # An exchange as the link's: the tag and the sums, on a communicator
+    # of its own.
+    exchange = communication.create_exchange(comm, 'mpi')
+    tag = validation.exchange_tag(validation.exchange_digest('check'))
+    sums = numpy.zeros(1 + 2 * CHANNELS)
+    width = exchange.width = tag.size + sums.size
+    send, receive = numpy.ones(width), numpy.empty(width)
+    times = [[], [], []]
+    steps = (lambda: link(x), lambda: exchange.allreduce_sums(sums, tag),
+             lambda: comm.Allreduce(send, receive, op=MPI.SUM))
     with chainer.no_backprop_mode():
         for _ in range(calls):
-            start = time.perf_counter()
-            link(x)
-            link_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            comm.Allreduce(send, receive, op=MPI.SUM)
-            allreduce_times.append(time.perf_counter() - start)
-    # The median: the first calls (the first-call check) weigh nothing.
-    return numpy.median(link_times), numpy.median(allreduce_times)
+            for step, kept in zip(steps, times):
+                start = time.perf_counter()
+                step()
+                kept.append(time.perf_counter() - start)
+    return [numpy.median(t) for t in times] + [width]
 
 
 def relative_error(actual, expected):
@@ -226,12 +233,15 @@ def report(rows, calls):
         line, found = compare([row[dtype] for row in rows], dtype)
         lines.append(line)
         problems += found
-    link_time, allreduce_time = numpy.max([r['latency'] for r in rows], 0)
-    lines += ['', 'median of {} calls, slowest process:'.format(calls),
-              '  link forward (training, one exchange), C={}  {:>6.0f} us'
-              .format(CHANNELS, 1e6 * link_time),
-              '  plain Allreduce of {} float64               {:>6.0f} us'
-              .format(1 + 2 * CHANNELS, 1e6 * allreduce_time)]
+    forward, exchange, allreduce, width = numpy.max(
+        [r['latency'] for r in rows], 0)
+    lines += ['', 'median of {} calls, slowest process:'.format(calls)]
+    for what, seconds in (
+            ('link forward (training), C={}'.format(CHANNELS), forward),
+            ('its exchange alone ({:.0f} float64, Iallreduce)'.format(
+                width), exchange),
+            ('plain Allreduce of {:.0f} float64'.format(width), allreduce)):
+        lines.append('  {:<46} {:>6.0f} us'.format(what, 1e6 * seconds))
     if len(rows) == 1:
         lines.append('  (1 process: nothing is exchanged; use mpiexec -n N)')
     return lines + [''], problems
