@@ -1,9 +1,6 @@
-"""Communicators and every collective of the package.
-
-A communicator is a ChainerMN communicator or an ``mpi4py.MPI.Comm``. A
-link's *statistics exchange* (:func:`create_exchange`) sums float64
-buffers over processes, a tag in front, and gathers input records; it
-knows nothing of what they mean. Every wait reports a stall (:func:`wait`,
+"""Communicators and every collective of the package: a link's statistics
+exchange (:func:`create_exchange`), which moves buffers and knows nothing
+of what they mean, and the wait that reports stalls (:func:`wait`,
 :class:`StallPolicy`). See docs/design.md and docs/reliability.md.
 """
 
@@ -32,11 +29,8 @@ def _mpi():
 
 def is_nccl_communicator(comm):
     """Whether ``comm`` is ChainerMN's ``PureNcclCommunicator``."""
-    try:
-        from chainermn.communicators.pure_nccl_communicator import \
-            PureNcclCommunicator
-    except ImportError:  # pragma: no cover - chainermn ships with chainer
-        return False
+    from chainermn.communicators.pure_nccl_communicator import \
+        PureNcclCommunicator
     return isinstance(comm, PureNcclCommunicator)
 
 
@@ -73,19 +67,18 @@ def select_backend(comm, communication_backend='auto'):
 
 def create_exchange(comm, backend):
     """A statistics exchange for ``comm`` over ``'mpi'`` or ``'nccl'``."""
-    nccl = backend == 'nccl'
-    return (NcclStatsExchange if nccl else MpiStatsExchange)(comm)
+    if backend == 'nccl':
+        return NcclStatsExchange(comm)
+    return MpiStatsExchange(comm)
 
 
 class StallError(RuntimeError):
-    """An exchange did not complete in time. The collective is left in
-    flight: its link refuses further calls, and the job should end (let the
-    exception propagate under ``python -m mpi4py``)."""
+    """An exchange did not complete in time. Its link refuses further
+    calls: let the exception end the job (``python -m mpi4py``)."""
 
 
 class StallPolicy(object):
-    """How long a process waits in an exchange before it says so, and
-    before it gives up.
+    """When a process waiting in an exchange says so, and gives up.
 
     Args:
         timeout (float or None): Seconds before a waiting process prints
@@ -150,10 +143,8 @@ def _checked(field, value):
         seconds = 0.0 if value is None else float(value)
     except (TypeError, ValueError):
         seconds = math.nan
-    if seconds == 0:
-        return None
-    if 0 < seconds < math.inf:
-        return seconds
+    if 0 <= seconds < math.inf:
+        return seconds or None
     raise ValueError('{} must be a positive number of seconds, or None or '
                      '0 to disable it; got {!r}'.format(field, value))
 
@@ -213,12 +204,10 @@ def wait(request, rank, describe, policy=None):
 
 
 class MpiStatsExchange(object):
-    """Exchanges a link's statistics and input records over MPI; CuPy
+    """A link's exchanges over MPI, on a duplicate of the communicator of
+    their own and all of one size (:attr:`width`): those of different links
+    never pair, and no reduction meets buffers of different sizes. CuPy
     buffers are staged through host memory (they are O(channels)).
-
-    Each link's exchanges run on a duplicate of the communicator of their
-    own, all of one size (:attr:`width`): those of different links never
-    pair, and no reduction meets buffers of different sizes.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm``. Kept as given;
@@ -230,8 +219,8 @@ class MpiStatsExchange(object):
         self.base_comm = mpi_comm_of(comm)
         self.size = self.base_comm.Get_size()
         self.rank = self.base_comm.Get_rank()
-        #: Values of every summed exchange (the tag plus ``1 + 2 C``), set
-        #: by the owner at the first call.
+        #: Values in every summed exchange, the tag's included (set by the
+        #: owner at the first call).
         self.width = None
         #: What stalled, once an exchange raised :class:`StallError`.
         self.stalled = None
@@ -292,15 +281,15 @@ class MpiStatsExchange(object):
                     self.rank, describe(), thread.name, self._owner.name))
 
     def allreduce_sums(self, buf, tag, describe=str, proceed=None):
-        """The sums over processes of ``buf`` (like ``buf``) and of
-        ``tag``, in one collective of :attr:`width` values.
+        """The sums over processes of ``buf`` (like it) and of ``tag``, in
+        one collective of :attr:`width` values.
 
         Args:
-            buf: float64 NumPy or CuPy array, at most ``width - len(tag)``
-                values.
-            tag: float64 host vector (see :mod:`multinode_bn.validation`).
+            buf: float64 NumPy or CuPy array of ``width - len(tag)`` values
+                at most.
+            tag: float64 host vector (:func:`validation.exchange_tag`).
             describe: Returns what this call is, for a stall report.
-            proceed: Unused here (see :class:`NcclStatsExchange`).
+            proceed: For :class:`NcclStatsExchange` only.
         """
         if self.size == 1:
             return buf, tag
@@ -341,23 +330,18 @@ class MpiStatsExchange(object):
         try:
             wait(request, self.rank, describe)
         except BaseException as error:
-            # The collective is still in flight (a stall, an interrupt): its
-            # request, buffers and communicator must outlive this call, or a
-            # late completion would write into freed memory.
+            # Still in flight (a stall, an interrupt): what it may write to
+            # is kept for good, or a late completion would hit freed memory.
             _ABANDONED.append((request, buffers, self._own))
-            self.stalled = '{} ({})'.format(describe(),
-                                            type(error).__name__)
+            self.stalled = '{} ({})'.format(describe(), type(error).__name__)
             raise
 
 
 class NcclStatsExchange(MpiStatsExchange):
     """Sums statistics with NCCL on the current CUDA stream, in buffers
-    allocated once per device, stream and size.
-
-    The tag and the records go over MPI, on the host: reading the tag back
-    from the device would wait for every kernel queued before it, and
-    processes in different exchanges must learn so before NCCL is handed
-    buffers whose sizes may differ.
+    allocated once per device, stream and size. Tags and records go over
+    MPI on the host: processes learn there, without waiting for the
+    device, whether their exchanges agree before NCCL is handed buffers.
 
     Args:
         comm: ChainerMN's ``PureNcclCommunicator``.
@@ -382,8 +366,7 @@ class NcclStatsExchange(MpiStatsExchange):
         from cupy.cuda import nccl
         n = self._width(len(tag), buf) - len(tag)
         stream = cupy.cuda.get_current_stream()
-        # Per stream as well: a buffer still read by kernels queued on one
-        # stream must not be overwritten from another.
+        # Per stream too: another stream's kernels may still read a buffer.
         key = (cupy.cuda.Device().id, stream.ptr, n)
         if key not in self._buffers:
             self._buffers[key] = cupy.empty(n, dtype=numpy.float64)
@@ -429,7 +412,7 @@ def allgather_objects(comm, obj):
     return mpi_comm.allgather(obj)
 
 
-# Collectives whose exchange raised StallError, kept alive for good.
+# Collectives left in flight by a stall or an interrupt, kept for good.
 _ABANDONED = []
 
 
