@@ -2,8 +2,8 @@
 
 :class:`CpuStatistics` runs the four operations of the statistics backend
 interface in the C extension ``_cpu_kernels`` (float32 and float64 NumPy
-inputs, every memory layout, sums in float64; see docs/performance.md), and
-:func:`choose_statistics` picks the backend for an input.
+inputs, any memory layout; docs/performance.md); :func:`choose_statistics`
+picks the backend for an input.
 """
 
 import os
@@ -38,15 +38,13 @@ def serves(x, dtype):
 def choose_statistics(x, dtype):
     """The statistics backend for input ``x`` computed in ``dtype``.
 
-    The C loops where :func:`serves` says so, unless the environment
-    variable ``MULTINODE_BN_CPU_KERNELS`` is ``0``, ``off``, ``false`` or
-    ``no``; the reference code otherwise (CuPy, float16, mixed precision,
-    or no C extension, which a ``RuntimeWarning`` says once).
+    The C loops where :func:`serves` says so, unless
+    ``MULTINODE_BN_CPU_KERNELS`` is ``0``, ``off``, ``false`` or ``no``;
+    else the reference code (warning once where the extension is missing).
 
     Args:
         x (numpy.ndarray or cupy.ndarray): The input.
-        dtype: The computation dtype (the input's, promoted with the
-            parameters').
+        dtype: The computation dtype (the input's promoted with gamma's).
 
     Returns:
         :class:`CpuStatistics` or ``statistics.ReferenceStatistics``.
@@ -88,7 +86,9 @@ def _array_module(x):
 
 def _ready(a, dtype):
     """``a`` as an aligned C-contiguous ``dtype`` array (copied if need be)."""
-    return numpy.require(a, dtype, ['C_CONTIGUOUS', 'ALIGNED'])
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return numpy.array(a, dtype=dtype, order='C', copy=True)
 
 
 class CpuStatistics(object):
