@@ -1,10 +1,8 @@
 """Exact population statistics ("precise BN") over the data of all processes.
 
-Running averages over small batches are noisy estimates of what a model
-computes at evaluation time; :func:`update_population_statistics` recomputes
-them with the parameters fixed. A link hook merges the moments of every call
-in float64; at the end the processes exchange their merged moments once and
-merge them in rank order, so that all end with the same bits.
+A link hook merges the float64 moments of every call of every batch
+normalization; at the end the processes exchange their merged moments once
+and merge them in rank order, so that all end with the same bits.
 """
 
 import contextlib
@@ -18,7 +16,6 @@ from chainer.dataset import convert
 from chainer.functions.normalization import batch_normalization as _bn
 import chainer.links as L
 from chainer import memory_layouts
-import chainerx
 
 from multinode_bn import communication
 from multinode_bn import statistics
@@ -33,18 +30,12 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
 
     Runs ``model`` in training mode without backpropagation over the
     batches of ``iterator`` (each process its own shard) and sets
-    ``avg_mean`` and ``avg_var`` of every
-    :class:`~multinode_bn.MultiNodeBatchNormalization` to the exact mean and
-    unbiased variance of all its inputs on all processes of its
-    communicator, the same bits on every process, and ``N`` to its number
-    of calls. A plain :class:`chainer.links.BatchNormalization` gets those
-    of its own process's inputs. Nothing else of the model changes; the
-    iterator is advanced, not rewound.
-
-    A process whose data ran out runs the model on an empty batch, so that
-    uneven shards cannot hang; a failure on one process (reading a batch,
-    or a model that refuses an empty batch) raises the same
-    ``RuntimeError`` on every process.
+    ``avg_mean``, ``avg_var`` and ``N`` of every
+    :class:`~multinode_bn.MultiNodeBatchNormalization` to the exact mean,
+    unbiased variance and number of calls of its inputs on all processes
+    of its communicator (a plain ``L.BatchNormalization``: of its own
+    process). Nothing else of the model changes. A process out of data
+    runs an empty batch; a failure on one raises on all (docs/usage.md).
 
     Args:
         model (~chainer.Link): The model.
@@ -60,12 +51,6 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
 
     Returns:
         int: The number of global batches run, equal on every process.
-
-    .. admonition:: Example
-
-        >>> it = chainer.iterators.SerialIterator(train_shard, 64,
-        ...                                       repeat=False, shuffle=False)
-        >>> multinode_bn.update_population_statistics(model, it, comm)
     """
     if n_batches is not None and (int(n_batches) != n_batches
                                   or n_batches < 0):
@@ -82,18 +67,12 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
         if (isinstance(link, MultiNodeBatchNormalization)
                 or type(link) is L.BatchNormalization):
             targets.setdefault(id(link), (path, link))
-    recorder = _MomentRecorder()
-    for _, link in targets.values():
-        link.add_hook(recorder, name=_HOOK_NAME)
-    try:
-        with _persistents_kept(model), chainer.using_config('train', True), \
-                chainer.using_config('enable_backprop', False):
-            steps = _run_batches(forward, iterator, mpi_comm, n_batches,
-                                 converter, device, recorder.recorded)
-        merged = _merge_over_processes(targets, recorder.recorded)
-    finally:
-        for _, link in targets.values():
-            link.delete_hook(_HOOK_NAME)
+    recorder = _MomentRecorder(targets)
+    with _persistents_kept(model), chainer.using_config('train', True), \
+            chainer.using_config('enable_backprop', False):
+        steps = _run_batches(forward, iterator, mpi_comm, n_batches,
+                             converter, device, recorder)
+    merged = _merge_over_processes(targets, recorder.recorded)
     unseen = []
     for path, link in targets.values():
         moments, calls = merged[id(link)]
@@ -101,10 +80,8 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
             unseen.append(path)
             continue
         mean, var = population_mean_and_variance(moments)
-        for name, value in (('avg_mean', mean), ('avg_var', var)):
-            current = getattr(link, name)
-            # Sent to the persistent's own device, which need not be the
-            # current one.
+        for current, value in ((link.avg_mean, mean), (link.avg_var, var)):
+            # To the persistent's own device, not necessarily the current.
             current[...] = backend.get_device_from_array(current).send(
                 value.reshape(current.shape).astype(current.dtype))
         link.N = calls
@@ -123,33 +100,32 @@ def population_mean_and_variance(moments):
         moments (numpy.ndarray): ``(C, 3)`` float64 moments.
 
     Returns:
-        tuple: ``(mean, var)``, float64 ``(C,)``; ``var = m2 / (count - 1)``
-        (``0`` for a single sample, as Chainer's running variance).
+        tuple: Float64 ``(C,)`` ``mean`` and ``var = m2 / max(count - 1, 1)``.
     """
     count = moments[:, 0]
     return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
 
 
-_HOOK_NAME = 'multinode_bn.population_statistics'
-
-
 class _MomentRecorder(chainer.LinkHook):
-    """Merges the moments of every input of the hooked links."""
+    """Merges the moments of every input of the target links, while it is
+    entered (``with recorder:``)."""
 
-    name = _HOOK_NAME
+    name = 'multinode_bn.population_statistics'
 
-    def __init__(self):
+    def __init__(self, targets):
+        self.targets = targets
         self.recorded = {}  # id(link) -> (merged moments, number of calls)
 
     def forward_postprocess(self, args):
         # After the call: the link is initialized and the call succeeded.
+        link = args.link
+        if id(link) not in self.targets:
+            return
         x = chainer.as_variable(args.args[0] if args.args
                                 else args.kwargs['x'])
         # The axes as the link sees them (a view of channel-last memory).
-        x = memory_layouts._transpose_array(x.raw_array, x.layout, None)
-        if backend.get_array_module(x) is chainerx:
-            x = backend.from_chx(x)
-        link = args.link
+        x = backend.from_chx(memory_layouts._transpose_array(
+            x.raw_array, x.layout, None))
         axis = _bn._compute_axis(x.ndim, link.avg_mean.ndim, link.axis)
         moments, calls = self.recorded.get(id(link), (None, 0))
         self.recorded[id(link)] = (
@@ -158,15 +134,12 @@ class _MomentRecorder(chainer.LinkHook):
 
 
 def _local_moments(x, axis):
-    """Host float64 ``(C, 3)`` ``(count, mean, m2)`` of one input, channels
-    in the order of the kept axes (that of ``avg_mean``)."""
+    """Host ``(C, 3)`` moments of one input, channels as in ``avg_mean``;
+    float64 whatever its dtype: this pass favours exactness over speed."""
     layout = statistics.Layout.of(x, axis)
     if layout.shape3[0] * layout.shape3[2] == 0:
-        # The statistics layer needs a sample; an empty batch (a process
-        # whose data ran out) adds nothing but its call.
+        # The statistics layer needs a sample; an empty batch adds nothing.
         return numpy.zeros((layout.shape3[1], 3), dtype=numpy.float64)
-    # Computed in float64 whatever the input's dtype: this pass runs once
-    # before an evaluation and favours exactness over speed.
     reference = statistics.ReferenceStatistics(
         backend.get_array_module(x), numpy.float64)
     return communication.to_host(reference.local_moments(layout.view(x)))
@@ -184,9 +157,9 @@ def _merge_in_order(moments_list):
 
 
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
-                 recorded):
-    """Runs the same number of forward calls on every process; ``recorded``
-    is the moment recorder's record, which the probe leaves as it was."""
+                 recorder):
+    """Runs the same number of forward calls on every process, recorded by
+    ``recorder`` (not the probe)."""
     # Chainer's iterators cannot iterate over an empty dataset (the epoch
     # detail divides by its length): such a process has no data at all.
     dataset = getattr(iterator, 'dataset', None)
@@ -194,8 +167,7 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
     step, probed = 0, False
     while n_batches is None or step < n_batches:
         # What this process tells the others: None (no batch), its batch
-        # with zero samples (which a process without data copies), or an
-        # error message.
+        # with zero samples, or an error message.
         in_arrays, report = None, None
         if not exhausted:
             try:
@@ -223,15 +195,18 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
         without_data = [r for r, s in enumerate(reports) if s is None]
         if len(without_data) == len(reports):
             break  # no process has data left
-        template = next(s for s in reports if s is not None)
-        if without_data and not probed:
-            probed = True
-            _probe_empty_batch(forward, _on_device(template, device),
-                               recorded, step, without_data,
-                               mpi_comm.rank)
-        if in_arrays is None:
-            in_arrays = _on_device(template, device)
-        _call_forward(forward, in_arrays)
+        if without_data:
+            empty = next(s for s in reports if s is not None)
+            if device is not None:
+                empty = _map_arrays(device.send, empty)
+            if not probed:
+                probed = True
+                _probe_empty_batch(forward, empty, step, without_data,
+                                   mpi_comm.rank)
+            if in_arrays is None:
+                in_arrays = empty
+        with recorder:
+            _call_forward(forward, in_arrays)
         step += 1
     return step
 
@@ -244,19 +219,15 @@ def _call_forward(forward, in_arrays):
     return forward(in_arrays)
 
 
-def _probe_empty_batch(forward, empty, recorded, step, without_data, rank):
-    """Runs the model on an empty batch on *every* process, unrecorded.
-
-    Not every model takes an empty batch (max pooling refuses it). Were only
-    the processes without data to find out, they would raise alone while
-    the others wait in a synchronized call.
-    """
-    before = dict(recorded)
+def _probe_empty_batch(forward, empty, step, without_data, rank):
+    """Runs the model on an empty batch on *every* process, unrecorded:
+    were only the processes without data to find out that the model
+    refuses it (max pooling does), they would raise alone while the others
+    wait in a synchronized call."""
     try:
         with warnings.catch_warnings():
             # The probe only asks whether the model raises: its warnings are
-            # false (a global batch of zero samples normalizes nothing) or
-            # come again from the empty batches that follow.
+            # false (zero samples normalize nothing) or come again later.
             warnings.simplefilter('ignore')
             _call_forward(forward, empty)
     except Exception as e:
@@ -270,13 +241,10 @@ def _probe_empty_batch(forward, empty, recorded, step, without_data, rank):
                 rank, ', '.join(map(str, without_data)), step,
                 type(e).__name__,
                 message.splitlines()[-1] if message else ''))
-    recorded.clear()
-    recorded.update(before)
 
 
 def _map_arrays(function, in_arrays):
-    """``function`` applied to each array of converted input arrays (an
-    array, or a tuple or dict of them)."""
+    """``function`` applied to each array of a batch (or tuple or dict)."""
     if isinstance(in_arrays, tuple):
         return tuple(_map_arrays(function, a) for a in in_arrays)
     if isinstance(in_arrays, dict):
@@ -285,28 +253,21 @@ def _map_arrays(function, in_arrays):
 
 
 def _no_samples(array):
-    """A host array of zero samples with the sample shape and dtype of
-    ``array``: what a process without data runs the model on."""
+    """A host array of zero samples like ``array``'s (shape and dtype)."""
     if isinstance(array, chainer.Variable):
         array = array.array
     shape = getattr(array, 'shape', None)
-    dtype = getattr(array, 'dtype', None)
-    if shape is None or dtype is None or not shape:
+    if not shape or getattr(array, 'dtype', None) is None:
         raise TypeError(
             'the converter must return arrays with a batch axis (or a tuple '
             'or dict of them) to run processes without data on an empty '
             'batch; got {}'.format(type(array).__name__))
-    return numpy.zeros((0,) + tuple(shape[1:]), dtype=dtype)
-
-
-def _on_device(empty, device):
-    return empty if device is None else _map_arrays(device.send, empty)
+    return numpy.zeros((0,) + tuple(shape[1:]), dtype=array.dtype)
 
 
 def _merge_over_processes(targets, recorded):
-    """Per link, its ``(moments, calls)`` over every process of its
-    communicator (one exchange per communicator); a plain link's are its
-    own process's."""
+    """Per link, ``(moments, calls)`` over the processes of its communicator
+    (one exchange per communicator); a plain link's own."""
     merged = {key: recorded.get(key, (None, 0)) for key in targets}
     groups = {}  # id(mpi4py communicator) -> (it, its links in model order)
     for path, link in targets.values():
