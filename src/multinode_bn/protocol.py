@@ -1,17 +1,10 @@
 """The exchange protocol of one synchronized link.
 
 What a link remembers between calls so that its exchanges pair up across
-processes, and only with each other: its label and the order of its first
-synchronized call on its communicator, its call count, the inputs already
-recorded, the width of its exchanges and the shift of the exchanged sums.
-
-A call starts with :meth:`LinkProtocol.begin_call`, which checks the input
-(across processes at the link's first call, in-band afterwards) and returns
-the :class:`Call` that every exchange of that call names. Every exchange
-carries the digest of its identity (kind, label, number, call, width,
-configuration, input) in its tag; processes in different exchanges, with a
-bad input or (debug mode) non-finite statistics all raise the same error
-before any output or state is produced.
+processes, and only with each other. :meth:`LinkProtocol.begin_call`
+checks a call's input and returns the :class:`Call` that each of its
+exchanges names in its tag; on a disagreement every process raises the
+same error before any output or state is produced.
 """
 
 import collections
@@ -29,10 +22,9 @@ from multinode_bn import validation
 
 class Call(collections.namedtuple('Call', (
         'number', 'record', 'problem', 'config', 'identity'))):
-    """One call of a link: its number, this process's
-    :class:`~multinode_bn.validation.InputRecord`, its local problem, the
-    configuration every process must share (``(name, value)`` pairs), and
-    what all its exchanges share in their identity."""
+    """One call of a link: its number, this process's input record, its
+    local problem, the configuration every process must share (``(name,
+    value)`` pairs), and what all its exchanges share in their identity."""
 
 
 class LinkProtocol(object):
@@ -50,15 +42,13 @@ class LinkProtocol(object):
         #: The link's name in its parent (``link.name``), if any.
         self.name = None
         self._label = None
-        # The order of the first synchronized call among the links on the
-        # communicator: links never called, or called on some processes
-        # only in evaluation mode, take no number.
+        # The order of the link's first synchronized call on the
+        # communicator (none for links that never exchanged).
         self._number = None
         self.calls = 0
         self._records = {}
         self._sequence = 0
-        # The shift of the exchanged sums: the same on every process (the
-        # previous global mean of this link); zero before the first one.
+        # The previous global mean, shared by all processes.
         self._shift = None
 
     @property
@@ -86,15 +76,11 @@ class LinkProtocol(object):
 
     def begin_call(self, x, gamma, beta, axis, config, running=(),
                    name=None):
-        """Counts a call and checks its input across processes.
-
-        Every argument is checked locally first (``running``: the running
-        statistics to update). At the link's first call the processes
-        gather each other's :class:`~multinode_bn.validation.InputRecord`;
-        later a local problem travels in the tag of the call's first
-        exchange. Either way a problem on any process raises the same
-        :class:`~multinode_bn.validation.InconsistentInputError` on all of
-        them, before anything is computed or updated.
+        """Counts a call and checks its input (``running``: the running
+        statistics to update) across processes: by gathering their records
+        at the link's first call, in the tag of the call's first exchange
+        later. A problem anywhere raises the same
+        :class:`~multinode_bn.validation.InconsistentInputError` everywhere.
 
         Returns:
             Call: What the call's exchanges name.
@@ -105,12 +91,11 @@ class LinkProtocol(object):
             self.name = name
         arrays = [v.raw_array if hasattr(v, 'raw_array') else v
                   for v in (x, gamma, beta)]
-        # The logical shape: a Variable in a memory layout (channels last)
-        # holds its array in another axis order.
-        key = (tuple(x.shape), axis, tuple(
-            (a.shape, a.dtype, type(a)) for a in arrays[1:]),
-            arrays[0].dtype, type(arrays[0]),
-            tuple(getattr(r, 'shape', None) for r in running))
+        # x.shape is the logical shape: a Variable in a memory layout
+        # (channels last) holds its array in another axis order.
+        key = ((tuple(x.shape), axis)
+               + tuple((a.shape, a.dtype, type(a)) for a in arrays)
+               + tuple(getattr(r, 'shape', None) for r in running))
         record = self._records.get(key)
         if record is None:
             if len(self._records) > 64:
@@ -144,8 +129,7 @@ class LinkProtocol(object):
         x, gamma, beta = arrays
         if isinstance(axis, int):
             axis = (axis,)
-        axis = tuple(_bn._compute_axis(
-            len(x_shape), gamma.ndim, axis))
+        axis = tuple(_bn._compute_axis(len(x_shape), gamma.ndim, axis))
         x_device, p_device = _device_kind(x), _device_kind(gamma)
         problem = validation.local_problem(
             x_shape, x.dtype, gamma.shape, gamma.dtype, beta.dtype, axis,
@@ -167,7 +151,7 @@ class LinkProtocol(object):
                                         self.label)
 
     def _exchange(self, call, kind, buf, nonfinite=False, samples=0):
-        """``buf`` (float64) summed over processes, and the summed tag."""
+        # buf (float64) summed over processes, and the summed tag.
         tag = validation.exchange_tag(
             validation.exchange_digest((kind, call.identity)),
             call.problem, nonfinite, samples)
@@ -189,10 +173,9 @@ class LinkProtocol(object):
         return self._exchange(call, kind, buf, nonfinite)[0]
 
     def exchange_pieces(self, call, buf):
-        """:meth:`exchange_sums` for a buffer of any length: the link's
-        exchanges all have its width, so a longer one goes in pieces, each
-        a ``double backward`` exchange numbered in the order processes make
-        them."""
+        """:meth:`exchange_sums` for a buffer of any length, in pieces of
+        the link's width: ``double backward`` exchanges numbered in the
+        order processes make them."""
         piece = self.exchange.width - validation.TAG_LEN
         parts = []
         for start in range(0, buf.size, piece):
@@ -204,8 +187,7 @@ class LinkProtocol(object):
         return xp.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _disagreement(self, kind, call, nonfinite):
-        """Every process is here together (they read the same sums): the
-        records name what differs, and all raise the same error."""
+        # Every process is here together (they read the same sums).
         records = self._check_records(kind, call, nonfinite)
         bad = [r for r, record in enumerate(records) if record.nonfinite]
         if bad:
@@ -224,18 +206,15 @@ class LinkProtocol(object):
         """Global ``(count, mean, m2)`` from local ones, and the global
         count as a host number (``samples``: the local count).
 
-        One collective of sums around the shared shift (the previous global
-        mean of this link). Should the new mean lie far from it (the first
-        call, or a jump of the data), the sums are exchanged once more
-        around the mean just found: every process sees the same numbers,
-        so all of them decide alike.
+        The sums go around the previous global mean of this link; should
+        the new mean lie far from it, they are exchanged once more around
+        the new one (every process sees the same numbers and decides alike).
         """
         xp = backend.get_array_module(moments)
         shift = self._shift
         if (shift is None or shift.shape[0] != moments.shape[0]
                 or backend.get_device_from_array(shift)
                 != backend.get_device_from_array(moments)):
-            # First call, or the link moved to another device.
             shift = xp.zeros(moments.shape[0], statistics.MOMENTS_DTYPE)
         sums, summed = self._exchange(
             call, 'forward',
@@ -259,9 +238,7 @@ class LinkProtocol(object):
 def _device_kind(a):
     if isinstance(a, numpy.ndarray):
         return 'cpu'
-    if type(a).__module__.startswith('cupy'):
-        return 'gpu'
-    return 'other'
+    return 'gpu' if type(a).__module__.startswith('cupy') else 'other'
 
 
 def _package_version():
@@ -273,10 +250,8 @@ _first_call_numbers = {}
 
 
 def _first_call_number(comm):
-    """The next number of a link's first synchronized call on ``comm``
-    (the same on every process that makes its links' first calls on
-    ``comm`` in the same order), or ``None`` for a one-process
-    communicator, which never exchanges."""
+    """The next number of a link's first synchronized call on ``comm``, or
+    ``None`` for a one-process communicator, which never exchanges."""
     mpi_comm = communication.mpi_comm_of(comm)
     if mpi_comm.Get_size() == 1:
         return None

@@ -1,20 +1,10 @@
 """What every process feeds one synchronized BN, and what each exchange is.
 
-Processes that disagree on the input (channels, dtype, axis, backend) would
-hang in a collective or mix unrelated numbers; processes that disagree on
-control flow (a skipped call, links in another order, a skipped backward)
-would pair unrelated exchanges. Two records prevent both:
-
-* an :class:`InputRecord` of each process, gathered once at a link's first
-  call (fixed size, so gathering cannot hang or truncate) and checked by
-  every process alike (:func:`check_records`);
-* a *tag* summed inside every exchange (:func:`exchange_tag`): a digest of
-  the exchange's identity, the counts of processes with a problem or
-  non-finite values, and the local samples. :func:`tag_agrees` tells from
-  the sums alone whether all processes sent the same digest, so all reach
-  the same verdict with no extra collective.
-
-Nothing here communicates.
+Processes that disagree on their input or on control flow would hang in a
+collective or pair unrelated exchanges. Each process's :class:`InputRecord`
+is checked by all at a link's first call; the tag summed inside every
+exchange tells them from the sums alone whether they agree. Nothing here
+communicates (``docs/reliability.md`` explains the design).
 """
 
 import collections
@@ -38,23 +28,25 @@ NO_BATCH_AXIS = 9
 RUNNING_MISMATCH = 10
 WIDTH_CHANGED = 11
 
+# Each problem in words, and whether Chainer's own type check rejects it.
 _PROBLEMS = {
-    NOT_FLOAT: 'input is not floating point',
-    CHANNEL_MISMATCH: 'input channels do not match the parameters',
-    DEVICE_MISMATCH: 'input is on another device than the parameters',
-    NCCL_NEEDS_GPU: "the 'nccl' backend needs CuPy arrays on a GPU",
-    BAD_AXIS: 'axis does not fit the input',
-    TOO_MANY_DIMS: 'input has more than 8 dimensions',
-    DTYPE_MISMATCH: 'gamma and beta differ in dtype',
-    PARAM_MISMATCH: 'gamma and beta are not floating point of one shape',
+    NOT_FLOAT: ('input is not floating point', True),
+    CHANNEL_MISMATCH: ('input channels do not match the parameters', True),
+    DEVICE_MISMATCH: ('input is on another device than the parameters',
+                      False),
+    NCCL_NEEDS_GPU: ("the 'nccl' backend needs CuPy arrays on a GPU", False),
+    BAD_AXIS: ('axis does not fit the input', True),
+    TOO_MANY_DIMS: ('input has more than 8 dimensions', False),
+    DTYPE_MISMATCH: ('gamma and beta differ in dtype', True),
+    PARAM_MISMATCH: ('gamma and beta are not floating point of one shape',
+                     True),
     NO_BATCH_AXIS: ('x has no batch axis: it needs one more dimension than '
-                    'the parameters, e.g. x[None] for a single sample'),
-    RUNNING_MISMATCH: 'running_mean or running_var does not match gamma',
-    WIDTH_CHANGED: 'the channel count changed since the first call',
+                    'the parameters, e.g. x[None] for a single sample', True),
+    RUNNING_MISMATCH: ('running_mean or running_var does not match gamma',
+                       True),
+    WIDTH_CHANGED: ('the channel count changed since the first call', False),
 }
-# What Chainer's BatchNormalization type check rejects.
-_TYPE_PROBLEMS = (NOT_FLOAT, CHANNEL_MISMATCH, BAD_AXIS, DTYPE_MISMATCH,
-                  PARAM_MISMATCH, NO_BATCH_AXIS, RUNNING_MISMATCH)
+_UNKNOWN_PROBLEM = ('invalid input', False)
 
 _MAX_DIMS = 8
 _DTYPES = ['float16', 'float32', 'float64', 'bfloat16', 'int8', 'int16',
@@ -67,15 +59,15 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
                   axis, backend, x_device, param_device, beta_shape=None,
                   running_shapes=()):
     """The first thing wrong with this process's input, or :data:`OK`:
-    all that Chainer's type check would reject, caught before it raises on
-    one process alone while the others wait in an exchange."""
+    what Chainer's type check would reject, found before it raises on one
+    process alone while the others wait in an exchange."""
     if len(x_shape) > _MAX_DIMS:
         return TOO_MANY_DIMS
     if numpy.dtype(x_dtype).kind != 'f':
         return NOT_FLOAT
     if numpy.dtype(param_dtype).kind != 'f' or (
-            beta_shape is not None and tuple(beta_shape) != tuple(
-                param_shape)):
+            beta_shape is not None
+            and tuple(beta_shape) != tuple(param_shape)):
         return PARAM_MISMATCH
     if param_dtype != beta_dtype:
         return DTYPE_MISMATCH
@@ -84,8 +76,8 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
     if any(not 0 <= a < len(x_shape) for a in axis) or \
             list(axis) != sorted(set(axis)):
         return BAD_AXIS
-    key = tuple(d for i, d in enumerate(x_shape) if i not in axis)
-    if key != tuple(param_shape):
+    kept = tuple(d for i, d in enumerate(x_shape) if i not in axis)
+    if kept != tuple(param_shape):
         return CHANNEL_MISMATCH
     if any(tuple(s) != tuple(param_shape) for s in running_shapes):
         return RUNNING_MISMATCH
@@ -96,82 +88,74 @@ def local_problem(x_shape, x_dtype, param_shape, param_dtype, beta_dtype,
     return OK
 
 
-# Where each field of a packed InputRecord lies, in int64 slots.
-_SLOTS = collections.OrderedDict()
-for _field, _width in (('magic', 1), ('shape', 1 + _MAX_DIMS), ('axis', 1),
-                       ('param_shape', 1 + _MAX_DIMS), ('dtype', 1),
-                       ('param_dtype', 1), ('backend', 1), ('device', 1),
-                       ('problem', 1), ('nonfinite', 1), ('version', 4),
-                       ('text', 32)):
-    _start = sum(s.stop - s.start for s in _SLOTS.values())
-    _SLOTS[_field] = slice(_start, _start + _width)
+# The fields of a packed InputRecord in order: their int64 slots and how
+# each is written ('valid' as a magic number; a name as its index in a
+# list; text as UTF-8 bytes, cut to fit; a number as itself).
+_LAYOUT = (('valid', 1, 'magic'), ('shape', 1 + _MAX_DIMS, 'dims'),
+           ('axis', 1, 'bits'), ('param_shape', 1 + _MAX_DIMS, 'dims'),
+           ('dtype', 1, _DTYPES), ('param_dtype', 1, _DTYPES),
+           ('backend', 1, _BACKENDS), ('device', 1, _DEVICES),
+           ('problem', 1, int), ('nonfinite', 1, bool),
+           ('version', 4, 'text'), ('text', 32, 'text'))
 #: int64 slots of a packed :class:`InputRecord`.
-RECORD_LEN = _SLOTS['text'].stop
+RECORD_LEN = sum(width for _, width, _ in _LAYOUT)
 _MAGIC = 0x4d4e424e  # 'MNBN'
+_MAX_AXIS = 62  # the axis bits fit one int64
+
+
+def _encode(kind, value, width):
+    if kind == 'magic':
+        return [_MAGIC]
+    if kind == 'dims':
+        return (len(value),) + tuple(value)[:width - 1]
+    if kind == 'bits':
+        return [sum(1 << a for a in value if 0 <= a < _MAX_AXIS)]
+    if kind == 'text':
+        raw = value.encode('utf-8')[:8 * width]
+        return numpy.frombuffer(raw.ljust(8 * width, b'\0'), numpy.int64)
+    if isinstance(kind, list):
+        return [kind.index(value) if value in kind else len(kind)]
+    return [int(kind(value))]
+
+
+def _decode(kind, part):
+    first = int(part[0])
+    if kind == 'magic':
+        return first == _MAGIC
+    if kind == 'dims':
+        return tuple(int(d) for d in part[1:1 + min(first, _MAX_DIMS)])
+    if kind == 'bits':
+        return tuple(i for i in range(_MAX_AXIS) if first >> i & 1)
+    if kind == 'text':
+        return part.tobytes().rstrip(b'\0').decode('utf-8', 'replace')
+    if isinstance(kind, list):
+        return kind[first] if 0 <= first < len(kind) else 'other'
+    return kind(first)
 
 
 class InputRecord(collections.namedtuple('InputRecord', (
         'shape', 'axis', 'param_shape', 'dtype', 'param_dtype', 'backend',
         'device', 'problem', 'nonfinite', 'version', 'text', 'valid'))):
-    """One process's input and exchange, checked by every process at a
-    link's first call (and on any disagreement later).
-
-    ``text`` names the exchange (link, call, kind, configuration; at most
-    256 bytes), ``version`` the package's (at most 32 bytes). :meth:`pack`
-    gives :data:`RECORD_LEN` int64, the same size on every process.
-    """
+    """One process's input and exchange: ``text`` names the exchange (at
+    most 256 bytes), ``version`` the package's (32). :meth:`pack` gives
+    :data:`RECORD_LEN` int64, the same size on every process."""
 
     def pack(self):
         slots = numpy.zeros(RECORD_LEN, dtype=numpy.int64)
-
-        def put(field, values):
-            part = slots[_SLOTS[field]]
-            part[:len(values)] = values
-
-        put('magic', [_MAGIC])
-        for field in ('shape', 'param_shape'):
-            dims = tuple(getattr(self, field))
-            put(field, (len(dims),) + dims[:_MAX_DIMS])
-        put('axis', [sum(1 << a for a in self.axis if 0 <= a < 62)])
-        put('dtype', [_code(self.dtype, _DTYPES)])
-        put('param_dtype', [_code(self.param_dtype, _DTYPES)])
-        put('backend', [_code(self.backend, _BACKENDS)])
-        put('device', [_code(self.device, _DEVICES)])
-        put('problem', [self.problem])
-        put('nonfinite', [int(bool(self.nonfinite))])
-        for field in ('version', 'text'):
-            part = slots[_SLOTS[field]]
-            raw = getattr(self, field).encode('utf-8')[:8 * part.size]
-            part.view(numpy.uint8)[:len(raw)] = numpy.frombuffer(
-                raw, numpy.uint8)
+        start = 0
+        for field, width, kind in _LAYOUT:
+            values = _encode(kind, getattr(self, field), width)
+            slots[start:start + len(values)] = values
+            start += width
         return slots
 
     @classmethod
     def unpack(cls, slots):
-        def get(field):
-            return slots[_SLOTS[field]]
-
-        def dims(field):
-            part = get(field)
-            return tuple(int(d) for d in part[1:1 + min(int(part[0]),
-                                                        _MAX_DIMS)])
-
-        def text(field):
-            return bytes(numpy.ascontiguousarray(get(field)).view(
-                numpy.uint8)).rstrip(b'\0').decode('utf-8', 'replace')
-
-        axis_bits = int(get('axis')[0])
-        return cls(
-            shape=dims('shape'), param_shape=dims('param_shape'),
-            axis=tuple(i for i in range(62) if axis_bits >> i & 1),
-            dtype=_name(int(get('dtype')[0]), _DTYPES),
-            param_dtype=_name(int(get('param_dtype')[0]), _DTYPES),
-            backend=_name(int(get('backend')[0]), _BACKENDS),
-            device=_name(int(get('device')[0]), _DEVICES),
-            problem=int(get('problem')[0]),
-            nonfinite=bool(get('nonfinite')[0]),
-            version=text('version'), text=text('text'),
-            valid=int(get('magic')[0]) == _MAGIC)
+        fields, start = {}, 0
+        for field, width, kind in _LAYOUT:
+            fields[field] = _decode(kind, slots[start:start + width])
+            start += width
+        return cls(**fields)
 
     @property
     def agreeing(self):
@@ -188,7 +172,8 @@ class InputRecord(collections.namedtuple('InputRecord', (
             self.axis, self.param_shape, self.param_dtype, self.device,
             self.backend)
         if self.problem:
-            words += ' <- ' + _PROBLEMS.get(self.problem, 'invalid input')
+            text, _ = _PROBLEMS.get(self.problem, _UNKNOWN_PROBLEM)
+            words += ' <- ' + text
         return words
 
 
@@ -201,14 +186,6 @@ def input_record(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
         param_dtype=numpy.dtype(param_dtype).name, backend=backend,
         device=device, problem=problem, nonfinite=False, version=version,
         text='', valid=True)
-
-
-def _code(name, table):
-    return table.index(name) if name in table else len(table)
-
-
-def _name(code, table):
-    return table[code] if 0 <= code < len(table) else 'other'
 
 
 class InconsistentInputError(ValueError):
@@ -229,26 +206,24 @@ class InvalidInputTypeError(InconsistentInputError, type_check.InvalidType):
 
 def check_records(packed, rank, label):
     """The unpacked records of all processes (``packed``: ``(size,
-    RECORD_LEN)``, in rank order); raises the same
-    :class:`InconsistentInputError` on every process, naming ``rank`` and
-    ``label``, unless they agree and none reports a problem (an
+    RECORD_LEN)``, in rank order); unless they agree and none reports a
+    problem, raises the same :class:`InconsistentInputError` on every
+    process, naming ``rank`` and ``label`` (an
     :class:`InvalidInputTypeError` for what Chainer's type check rejects).
     """
     records = [InputRecord.unpack(p) for p in packed]
-    versions = [r.version for r in records]
-    if any(v != versions[0] for v in versions):
+    if any(rec.version != records[0].version for rec in records):
         # Checked first: other versions may describe inputs differently.
         raise InconsistentInputError(
             '{} (raised on rank {}): processes run different versions of '
             'multinode_bn:\n{}\nInstall the same version on every node.'
-            .format(label, rank, '\n'.join(
-                '  rank {}: multinode_bn {}'.format(r, v or 'unknown')
-                for r, v in enumerate(versions))))
+            .format(label, rank, _by_rank(
+                'multinode_bn ' + (rec.version or 'unknown')
+                for rec in records)))
     problems = [r for r, rec in enumerate(records)
                 if rec.problem or not rec.valid]
     if problems:
-        what = 'invalid input on rank(s) {}'.format(
-            ', '.join(str(r) for r in problems))
+        what = 'invalid input on rank(s) ' + ', '.join(map(str, problems))
     elif any(rec.text != records[0].text for rec in records):
         what = ('processes are in different exchanges (each must call the '
                 'same links, in the same order, the same number of times, '
@@ -259,27 +234,26 @@ def check_records(packed, rank, label):
                 'only the reduced axes may differ in length)')
     else:
         return records
-    error = InconsistentInputError
-    if any(records[r].problem in _TYPE_PROBLEMS for r in problems):
-        error = InvalidInputTypeError
+    type_problem = any(_PROBLEMS.get(records[r].problem, _UNKNOWN_PROBLEM)[1]
+                       for r in problems)
+    error = InvalidInputTypeError if type_problem else InconsistentInputError
     raise error(
         '{} (raised on rank {}): {}.\n{}\nFix the input of the named rank(s);'
         ' every rank raises this same error.'.format(
-            label, rank, what, '\n'.join(
-                '  rank {}: {}'.format(r, rec)
-                for r, rec in enumerate(records))))
+            label, rank, what, _by_rank(records)))
+
+
+def _by_rank(lines):
+    return '\n'.join('  rank {}: {}'.format(r, line)
+                     for r, line in enumerate(lines))
 
 
 #: 16-bit pieces of the 64-bit digest in a tag.
 DIGEST_PIECES = 4
-# Where the numbers after the digest lie in a tag.
-_PROBLEMS_AT = 1 + 2 * DIGEST_PIECES
-_NONFINITE_AT = _PROBLEMS_AT + 1
-_SAMPLES_AT = _PROBLEMS_AT + 2
-#: Numbers in a tag: 1 (it counts the processes), each digest piece and its
-#: square, the processes with a problem, those with non-finite values, and
-#: the samples per channel (forward exchanges; 0 in the others).
-TAG_LEN = _SAMPLES_AT + 1
+#: Numbers in a tag, in order: 1 (it counts the processes), each digest
+#: piece and its square, the processes with a problem, those with
+#: non-finite values, and the samples per channel (0 but in the forward).
+TAG_LEN = 1 + 2 * DIGEST_PIECES + 3
 
 
 def exchange_digest(identity):
@@ -291,12 +265,9 @@ def exchange_digest(identity):
 
 
 def exchange_tag(digest, problem=OK, nonfinite=False, samples=0):
-    """The float64 tag summed inside every statistics exchange.
-
-    ``samples`` (this process's samples per channel) sums to the global
-    count on the host, whichever backend moves the statistics: the count
-    is then known without reading the device.
-    """
+    """The float64 tag summed inside every statistics exchange. Its
+    ``samples`` (this process's samples per channel) sum to the global
+    count on the host, whichever backend moves the statistics."""
     values = [1.0]
     for d in digest:
         values += [d, d * d]
@@ -309,19 +280,19 @@ def tag_agrees(summed):
     no problem and no non-finite values.
 
     The pieces are all equal exactly when ``n * sum(d^2) == sum(d)^2``
-    (Cauchy-Schwarz); the sums are integers below ``2**53`` for up to two
-    million processes, so they are exact in float64 and compared as Python
-    integers. The test reads only the sums: every process reaches the same
-    answer.
+    (Cauchy-Schwarz): a test of the sums alone, so every process reaches
+    the same answer. The sums are integers below ``2**53`` for up to two
+    million processes, exact in float64, compared as Python integers.
     """
     values = [int(v) for v in numpy.asarray(summed, numpy.float64).tolist()]
-    n = values[0]
-    for i in range(DIGEST_PIECES):
-        if n * values[2 + 2 * i] != values[1 + 2 * i] ** 2:
-            return False
-    return values[_PROBLEMS_AT] == 0 and values[_NONFINITE_AT] == 0
+    n, pieces = values[0], values[1:1 + 2 * DIGEST_PIECES]
+    if any(n * squares != sums ** 2
+           for sums, squares in zip(pieces[0::2], pieces[1::2])):
+        return False
+    problems, nonfinite = values[-3], values[-2]
+    return problems == 0 and nonfinite == 0
 
 
 def tag_samples(summed):
     """The global samples per channel of a summed :func:`exchange_tag`."""
-    return float(summed[_SAMPLES_AT])
+    return float(summed[-1])
