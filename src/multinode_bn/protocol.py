@@ -96,12 +96,14 @@ class LinkProtocol(object):
         key = ((tuple(x.shape), axis)
                + tuple((a.shape, a.dtype, type(a)) for a in arrays)
                + tuple(getattr(r, 'shape', None) for r in running))
-        record = self._records.get(key)
-        if record is None:
+        cached = self._records.get(key)
+        if cached is None:
             if len(self._records) > 64:
                 self._records.clear()
-            record = self._records[key] = self._record(
-                tuple(x.shape), arrays, axis, running)
+            record = self._record(tuple(x.shape), arrays, axis, running)
+            # What every process must share of the input, written once.
+            cached = self._records[key] = (record, repr(record.agreeing))
+        record, agreeing = cached
         width = validation.TAG_LEN + 1 + 2 * arrays[1].size
         problem = record.problem
         agreed = self.exchange.width is not None
@@ -110,9 +112,8 @@ class LinkProtocol(object):
         if self._number is None and not agreed:
             self._number = _first_call_number(self.comm)
         config = tuple(config)
-        call = Call(self.calls, record, problem, config, repr((
-            self.label, self._number, self.calls, width, config,
-            record.agreeing)))
+        call = Call(self.calls, record, problem, config, '{!r} {}'.format(
+            (self.label, self._number, self.calls, width, config), agreeing))
         if not agreed:
             self._check_records('input check', call)
             self.exchange.width = width
