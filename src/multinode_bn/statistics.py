@@ -1,16 +1,12 @@
-"""Statistics math for synchronized batch normalization.
+"""Statistics math over ``xp`` arrays (NumPy or CuPy; no Chainer, no MPI).
 
-Pure functions over ``xp`` arrays (NumPy or CuPy); no Chainer, no MPI. It owns
-:class:`Layout` (an input seen as ``(A, C, B)``, ``C`` the channels), the
-exchange format of moments (``(count, mean, m2)`` per channel, ``m2`` the sum
-of squared deviations; exchanged as float64 sums around a shift that every
-process shares), and the interface of a statistics backend: the four
-operations of :class:`ReferenceStatistics`, the plain one. docs/design.md
-explains the layouts, the shifted sums and their precision.
+Moments are ``(count, mean, m2)`` per channel, ``m2`` the sum of squared
+deviations, exchanged as float64 sums around a shift all processes share.
+:class:`ReferenceStatistics` is the plain backend of the four operations
+(docs/design.md explains the layouts, the shifted sums and their precision).
 """
 
 import functools
-import importlib
 import math
 import types
 
@@ -20,30 +16,21 @@ import numpy
 MOMENTS_DTYPE = numpy.dtype(numpy.float64)
 
 # Sums are taken again around the mean where their shift lies more than
-# this many standard deviations from it: the local sums (cancellation
-# amplifies rounding by 1 + tolerance**2), and the exchanged sums around
-# the shared shift (float64 sums keep about 1e-12 of the variance).
+# this many standard deviations from it: locally, cancellation amplifies
+# rounding by 1 + tolerance**2; float64 exchanged sums keep ~1e-12 of var.
 SHIFT_TOLERANCE = 4.0
 EXCHANGE_SHIFT_TOLERANCE = 100.0
 
 
 def compute_dtype(dtype):
-    """The dtype element-wise work runs in: float16 in float32 (its squares
-    overflow), every other floating dtype in itself."""
+    """float16's element-wise work runs in float32 (its squares overflow)."""
     dtype = numpy.dtype(dtype)
     return numpy.dtype(numpy.float32) if dtype.itemsize < 4 else dtype
 
 
 class Layout(object):
-    """How an input of one shape and strides is seen as ``(A, C, B)``.
-
-    Args:
-        x (ndarray): The input (only its shape and strides are read).
-        axis (tuple of ints): Sorted axes to reduce over.
-
-    Attributes:
-        order (tuple of ints): The input's axes in the order of the view.
-        shape3 (tuple of ints): ``(A, C, B)``.
+    """How an input ``x`` (its shape and strides) reduced over the sorted
+    ``axis`` is seen as ``shape3 = (A, C, B)``, its axes taken in ``order``.
     """
 
     def __init__(self, x, axis):
@@ -109,17 +96,15 @@ def gradient_coefficients(gamma, inv_std, global_sums, count):
 
 
 def moments_to_shifted_sums(xp, moments, shift):
-    """Moments as a flat float64 buffer of sums around ``shift``, ``[count,
-    sum (x - shift) per channel, sum (x - shift)**2 per channel]``, which an
-    elementwise sum combines over processes that share ``shift``."""
+    """Moments as float64 sums ``[count, sum (x - shift), sum (x - shift)**2]``
+    (per channel), which processes sharing ``shift`` add up."""
     count = moments[:1, 0]
     d = moments[:, 1] - shift
     return xp.concatenate([count, count * d, moments[:, 2] + count * d * d])
 
 
 def shifted_sums_to_moments(xp, sums, shift):
-    """Inverse of :func:`moments_to_shifted_sums` after the sums were
-    added up: float64 ``(C, 3)`` global ``(count, mean, m2)``."""
+    """Global ``(C, 3)`` moments from added :func:`moments_to_shifted_sums`."""
     channels = (sums.size - 1) // 2
     count = float(sums[0]) if xp is numpy else sums[0]
     safe = xp.maximum(count, 1.0)
@@ -137,7 +122,7 @@ def shift_too_far(moments, shift, eps=0.0):
     return bool((d * d > EXCHANGE_SHIFT_TOLERANCE ** 2 * var).any())
 
 
-def merge_moments(xp, a, b, out=None):
+def merge_moments(xp, a, b):
     """Combines two ``(..., 3)`` arrays of moments exactly, by Chan, Golub
     and LeVeque's pairwise formula: no large sums of squares are subtracted,
     and the bits do not depend on the order of ``a`` and ``b``."""
@@ -146,19 +131,13 @@ def merge_moments(xp, a, b, out=None):
     n = na + nb
     safe_n = xp.where(n > 0, n, 1.0)
     delta = mb - ma
-    if out is None:
-        out = xp.empty(xp.broadcast(a, b).shape, dtype=MOMENTS_DTYPE)
-    out[..., 0] = n
-    out[..., 1] = (na * ma + nb * mb) / safe_n
-    out[..., 2] = m2a + m2b + delta * delta * (na * nb / safe_n)
-    return out
+    return xp.stack([n, (na * ma + nb * mb) / safe_n,
+                     m2a + m2b + delta * delta * (na * nb / safe_n)], axis=-1)
 
 
 class ReferenceStatistics(object):
-    """The plain statistics backend over ``xp``.
-
-    The test oracle of the C loops, the CPU fallback (float16, mixed
-    precision, no C extension) and the GPU path. Element-wise work runs in
+    """The plain statistics backend: the C loops' test oracle, the CPU
+    fallback and the GPU path. Element-wise work runs in
     :func:`compute_dtype`; every sum accumulates in float64.
 
     Args:
@@ -172,12 +151,7 @@ class ReferenceStatistics(object):
         self.xp = xp
         self.dtype = compute_dtype(dtype)
 
-    def __reduce__(self):
-        # A module does not pickle or copy (links cache their backend).
-        return _reference_statistics, (self.xp.__name__, self.dtype)
-
-    def _sums(self, u, v):
-        """Per-channel float64 ``sum u`` and ``sum u * v`` of ``(A, C, B)``."""
+    def _sums(self, u, v):  # per channel, in float64: sum u, sum u * v
         return (u.sum(axis=(0, 2), dtype=MOMENTS_DTYPE),
                 (u * v).sum(axis=(0, 2), dtype=MOMENTS_DTYPE))
 
@@ -234,7 +208,3 @@ def _moments(xp, count, mean, m2):
 
 def _array_module(a):
     return numpy if isinstance(a, numpy.ndarray) else __import__('cupy')
-
-
-def _reference_statistics(module_name, dtype):
-    return ReferenceStatistics(importlib.import_module(module_name), dtype)
