@@ -21,15 +21,13 @@ from multinode_bn import statistics
 
 
 def get_communication_backend(comm, communication_backend='auto'):
-    """``'mpi'`` or ``'nccl'`` for ``comm``, as ChainerMN's function of
-    this name (:func:`multinode_bn.communication.select_backend`)."""
+    """``'mpi'`` or ``'nccl'`` for ``comm``, as ChainerMN's function."""
     return communication.select_backend(comm, communication_backend)
 
 
 class MultiNodeBNImplSelector(object):
-    """The ``impl_selector`` handed to Chainer's ``BatchNormalization``.
-
-    Holds the link's :class:`~multinode_bn.protocol.LinkProtocol`.
+    """The ``impl_selector`` handed to Chainer's ``BatchNormalization``:
+    holds the link's :class:`~multinode_bn.protocol.LinkProtocol`.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
@@ -47,15 +45,13 @@ class MultiNodeBNImplSelector(object):
         return MultiNodeBNImpl(self.protocol, batch_norm_func.call)
 
 
-# What the backward needs from the forward of one call (``count``: the
-# global count as a Python float; ``mean``, ``inv_std``: float64 arrays).
+# What the backward needs from the forward (``mean``, ``inv_std``: float64).
 _ForwardData = collections.namedtuple(
     '_ForwardData', 'count mean inv_std statistics call')
 
 
 def _nonfinite(local):
-    """Debug mode: whether this process's statistics are not finite
-    (reported in-band: every process then raises, naming this one)."""
+    """Debug mode: whether this process's statistics are not finite."""
     if not chainer.is_debug():
         return False
     return not bool(backend.get_array_module(local).isfinite(local).all())
@@ -108,15 +104,9 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
                  expander, mean, inv_std, eps, var, forward_data):
         stats = forward_data.statistics
         layout = statistics.Layout.of(x, axis)
-        x3 = layout.view(x)
-        # The upstream gradient seen in the input's memory order: a view
-        # when it has that order, one copy otherwise.
-        gy3 = layout.view(gy)
+        x3, gy3 = layout.view(x), layout.view(gy)
         mean64, inv_std64 = forward_data.mean, forward_data.inv_std
-        if x3.size:
-            sums = stats.backward_sums(x3, gy3, mean64)
-        else:
-            sums = xp.zeros((2, x3.shape[1]), statistics.MOMENTS_DTYPE)
+        sums = stats.backward_sums(x3, gy3, mean64)  # zeros if empty
         sums = self.protocol.exchange_sums(
             forward_data.call, 'backward', sums, _nonfinite(sums))
 
@@ -125,10 +115,8 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
             gamma64, inv_std64, sums, forward_data.count)
         gx = layout.restore(
             stats.input_gradient(x3, gy3, mean64, p, q, r, x.dtype))
-        # Parameter gradients are the global sums divided by the number of
-        # processes: after the data-parallel optimizer averages gradients
-        # over processes, they carry the same 1/size scale as every other
-        # parameter's gradient.
+        # Global sums / processes: the optimizer's average over processes
+        # then gives them the scale of every other parameter's gradient.
         inv_size = 1.0 / self.protocol.exchange.size
         gbeta = (sums[0] * inv_size).astype(gamma.dtype).reshape(gamma.shape)
         ggamma = (sums[1] * inv_std64 * inv_size).astype(
@@ -140,8 +128,7 @@ def _update_running(running_mean, running_var, mean, var, count, decay):
     if backend.get_array_module(running_mean) is chainerx:
         running_mean, running_var = backend.from_chx(
             (running_mean, running_var))
-    # The variance unbiased with the global count, as one process would on
-    # the concatenated batch.
+    # Unbiased with the global count, as on the concatenated batch.
     unbiased = var * (count / max(count - 1.0, 1.0))
     for running, value in ((running_mean, mean), (running_var, unbiased)):
         running *= decay
@@ -149,8 +136,7 @@ def _update_running(running_mean, running_var, mean, var, count, decay):
             running.shape)
 
 
-# Chainer's two "will always output a zero tensor" warnings judge the local
-# batch only.
+# Chainer's "will always output a zero tensor" warnings see the local batch.
 _ONE_SAMPLE_WARNINGS = ('A batch with no more than one sample',
                         'F.batch_normalization received a batch with single')
 
@@ -161,9 +147,7 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
     Args:
         impl_selector (MultiNodeBNImplSelector): The link's selector.
         eps, mean, var, decay, axis: As for Chainer's node.
-        call (~multinode_bn.protocol.Call): The call begun by
-            :meth:`~multinode_bn.protocol.LinkProtocol.begin_call`;
-            ``None`` begins one when the node is applied.
+        call (~multinode_bn.protocol.Call): The call, if already begun.
     """
 
     def __init__(self, impl_selector, eps=2e-5, mean=None, var=None,
@@ -177,9 +161,7 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
         self.call = call
 
     def forward_chainerx(self, inputs):
-        # Chainer's ChainerX kernel would normalize with local statistics
-        # only; falling back runs the synchronized implementation instead.
-        return chainer.Fallback
+        return chainer.Fallback  # ChainerX would use local statistics
 
     def forward(self, inputs):
         if self.call is None:
@@ -188,8 +170,7 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
                 x, gamma, beta, self.axis, _config(self.eps, self.decay),
                 running=(self.running_mean, self.running_var))
         with warnings.catch_warnings():
-            # One local sample is fine when the global batch is larger; the
-            # global count is checked after the exchange instead.
+            # The global count is checked after the exchange instead.
             for message in _ONE_SAMPLE_WARNINGS:
                 warnings.filterwarnings('ignore', message=message)
             outputs = super(MultiNodeBatchNormalizationFunction,
@@ -218,8 +199,7 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         self._impl = forward_node._impl
 
     def check_layout_forward(self, inputs):
-        # x and gy come in the forward input's memory layout.
-        pass
+        pass  # x and gy come in the forward input's memory layout
 
     def forward(self, inputs):
         self.retain_inputs((0, 1, 2))
@@ -239,10 +219,9 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         return gx, ggamma, gbeta
 
     def backward(self, indexes, grad_outputs):
-        """Second-order gradients in closed form, from this node's own
-        inputs and outputs: Chainer's ``BatchNormalizationGrad.backward``
-        with every reduction over the global batch (derived in
-        docs/design.md), in one call's worth of exchanges."""
+        """Second order in closed form from this node's own inputs and
+        outputs: Chainer's ``BatchNormalizationGrad.backward`` with global
+        reductions (derived in docs/design.md)."""
         F = chainer.functions
         x, gamma, gy = self.get_retained_inputs()
         g_gamma, g_beta = self.get_retained_outputs()  # global sums / P
@@ -269,8 +248,7 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         g_gamma = cast(g_gamma, g_gamma) * dtype.type(size)
         g_beta = cast(g_beta, g_beta) * dtype.type(size)
         x_hat = (cast(x, x) - bcast(mean)) * bcast(s)
-        # Every process makes the same exchange, zeros where it has no
-        # upstream gradient.
+        # The same exchange on every process, zeros for a missing gradient.
         sums = AllreduceSum(self._impl.protocol, data.call).apply((F.stack([
             F.sum(a * x_hat, axis=self.axis), F.sum(a, axis=self.axis),
             F.sum(a * gy, axis=self.axis), cast(gggamma, gamma),
@@ -290,8 +268,7 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         ggy2 = bcast(u) * x_hat + bcast(v) + bcast(gamma * s) * a
         grads = (gx2, r_over_gamma * inv_p, ggy2)
         targets = self.get_retained_inputs()
-        return tuple(grads[i] if grads[i].dtype == targets[i].dtype
-                     else F.cast(grads[i], targets[i].dtype) for i in indexes)
+        return tuple(F.cast(grads[i], targets[i].dtype) for i in indexes)
 
 
 class AllreduceSum(function_node.FunctionNode):
@@ -320,9 +297,8 @@ def _config(eps, decay):
 def synchronized_batch_normalization(selector, x, gamma, beta, eps,
                                      running_mean, running_var, decay, axis,
                                      link_config=(), name=None):
-    """Begins a call of ``selector``'s link and applies the node (the
-    functional API and the link, which adds ``link_config``, the
-    ``(name, value)`` pairs of its own configuration, and its ``name``)."""
+    """Begins a call of ``selector``'s link and applies the node; the link
+    adds its ``name`` and ``link_config``, ``(name, value)`` pairs."""
     call = selector.protocol.begin_call(
         x, gamma, beta, axis, _config(eps, decay) + tuple(link_config),
         running=(running_mean, running_var), name=name)
@@ -353,14 +329,6 @@ def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
 
     Returns:
         ~chainer.Variable: The normalized output.
-
-    .. admonition:: Example
-
-        >>> from mpi4py import MPI
-        >>> x = np.random.randn(4, 3).astype(np.float32)
-        >>> g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
-        >>> multi_node_batch_normalization(x, g, b, MPI.COMM_WORLD).shape
-        (4, 3)
     """
     argument.check_unexpected_kwargs(
         kwargs, train='train argument is not supported anymore. '
