@@ -606,11 +606,11 @@ def test_input_record_round_trip_and_local_problems():
     packed = record.pack()
     assert packed.shape == (validation.RECORD_LEN,)
     assert validation.InputRecord.unpack(packed) == record
-    assert record.agreeing == (4, (0, 2, 3), (3,), (3,), 'float32',
-                               'float32', 'mpi', 'cpu')
+    assert record.agreeing == (4, (0, 2, 3), (3,), 'float32', 'float32',
+                               'mpi', 'cpu')
     garbage = validation.InputRecord.unpack(numpy.arange(
         validation.RECORD_LEN))
-    assert not garbage.valid
+    assert garbage.problem == validation.UNREADABLE
     lp = validation.local_problem
     args = dict(x_shape=(2, 3), x_dtype=numpy.float32, param_shape=(3,),
                 param_dtype=numpy.float32, beta_dtype=numpy.float32,

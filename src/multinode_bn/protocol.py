@@ -1,14 +1,10 @@
-"""The exchange protocol of one synchronized link.
-
-What a link remembers between calls so that its exchanges pair up across
-processes, and only with each other. :meth:`LinkProtocol.begin_call`
-checks a call's input and returns the :class:`Call` that each of its
-exchanges names in its tag; on a disagreement every process raises the
-same error before any output or state is produced.
+"""The exchange protocol of one synchronized link: what it remembers so that
+its exchanges pair up across processes, and only with each other.
 """
 
 import collections
 import functools
+import itertools
 
 import numpy
 
@@ -21,10 +17,10 @@ from multinode_bn import validation
 
 
 class Call(collections.namedtuple('Call', (
-        'number', 'record', 'problem', 'config', 'identity'))):
-    """One call of a link: its number, this process's input record, its
-    local problem, the configuration every process must share (``(name,
-    value)`` pairs), and what all its exchanges share in their identity."""
+        'number', 'record', 'config', 'identity'))):
+    """One call of a link: its number, this process's input record (with
+    the call's problem), the configuration every process must share
+    (``(name, value)`` pairs), and what its exchanges share in identity."""
 
 
 class LinkProtocol(object):
@@ -36,7 +32,6 @@ class LinkProtocol(object):
     """
 
     def __init__(self, comm, backend_name):
-        self.comm = comm
         self.backend_name = backend_name
         self.exchange = communication.create_exchange(comm, backend_name)
         #: The link's name in its parent (``link.name``), if any.
@@ -47,7 +42,7 @@ class LinkProtocol(object):
         self._number = None
         self.calls = 0
         self._records = {}
-        self._sequence = 0
+        self._sequence = 0  # of double backward exchanges
         # The previous global mean, shared by all processes.
         self._shift = None
 
@@ -70,17 +65,17 @@ class LinkProtocol(object):
 
     def exchange_name(self, kind, call):
         """What an exchange is, in words, for stall and error reports."""
-        record = call.record
         return '{} exchange of {} (call {}, x {} {})'.format(
-            kind, self.label, call.number, record.dtype, record.shape)
+            kind, self.label, call.number, call.record.dtype,
+            call.record.shape)
 
     def begin_call(self, x, gamma, beta, axis, config, running=(),
                    name=None):
         """Counts a call and checks its input (``running``: the running
-        statistics to update) across processes: by gathering their records
-        at the link's first call, in the tag of the call's first exchange
-        later. A problem anywhere raises the same
-        :class:`~multinode_bn.validation.InconsistentInputError` everywhere.
+        statistics to update) on every process: at the link's first call by
+        gathering their records, later in the tag of its first exchange. A
+        problem anywhere raises the same ``InconsistentInputError`` on every
+        process, before any output or state is produced.
 
         Returns:
             Call: What the call's exchanges name.
@@ -89,35 +84,30 @@ class LinkProtocol(object):
         self.calls += 1
         if name is not None:
             self.name = name
-        arrays = [v.raw_array if hasattr(v, 'raw_array') else v
-                  for v in (x, gamma, beta)]
+        arrays = [getattr(v, 'raw_array', v) for v in (x, gamma, beta)]
         # x.shape is the logical shape: a Variable in a memory layout
         # (channels last) holds its array in another axis order.
         key = ((tuple(x.shape), axis)
                + tuple((a.shape, a.dtype, type(a)) for a in arrays)
                + tuple(getattr(r, 'shape', None) for r in running))
-        cached = self._records.get(key)
-        if cached is None:
+        if key not in self._records:
             if len(self._records) > 64:
                 self._records.clear()
-            record = self._record(tuple(x.shape), arrays, axis, running)
-            # What every process must share of the input, written once.
-            cached = self._records[key] = (record, repr(record.agreeing))
-        record, agreeing = cached
+            self._records[key] = self._record(tuple(x.shape), arrays, axis,
+                                              running)
+        record, agreeing = self._records[key]
         width = validation.TAG_LEN + 1 + 2 * arrays[1].size
-        problem = record.problem
         agreed = self.exchange.width is not None
-        if agreed and not problem and width != self.exchange.width:
-            problem = validation.WIDTH_CHANGED
-        if self._number is None and not agreed:
-            self._number = _first_call_number(self.comm)
-        config = tuple(config)
-        call = Call(self.calls, record, problem, config, '{!r} {}'.format(
+        if agreed and not record.problem and width != self.exchange.width:
+            record = record._replace(problem=validation.WIDTH_CHANGED)
+        if self._number is None and not agreed and self.exchange.size > 1:
+            self._number = _first_call_number(self.exchange.base_comm)
+        call = Call(self.calls, record, config, '{!r} {}'.format(
             (self.label, self._number, self.calls, width, config), agreeing))
         if not agreed:
             self._check_records('input check', call)
             self.exchange.width = width
-        elif problem:
+        elif record.problem:
             # Take part in this call's exchange all the same, so that every
             # process learns of the problem in one collective.
             xp = backend.get_array_module(arrays[1])
@@ -127,6 +117,8 @@ class LinkProtocol(object):
         return call
 
     def _record(self, x_shape, arrays, axis, running):
+        """This process's record, and its part every process must share."""
+        import multinode_bn  # late: the package imports this module
         x, gamma, beta = arrays
         if isinstance(axis, int):
             axis = (axis,)
@@ -136,16 +128,17 @@ class LinkProtocol(object):
             x_shape, x.dtype, gamma.shape, gamma.dtype, beta.dtype, axis,
             self.backend_name, x_device, p_device, beta_shape=beta.shape,
             running_shapes=[r.shape for r in running if r is not None])
-        return validation.input_record(
+        record = validation.input_record(
             x_shape, x.dtype, gamma.shape, gamma.dtype, axis,
-            self.backend_name, x_device, problem, _package_version())
+            self.backend_name, x_device, problem,
+            str(multinode_bn.__version__))
+        return record, repr(record.agreeing)
 
     def _check_records(self, kind, call, nonfinite=False):
         text = '{} call {} {} exchange, {}'.format(
             self.label, call.number, kind, ' '.join(
                 '{}={}'.format(name, value) for name, value in call.config))
-        record = call.record._replace(problem=call.problem,
-                                      nonfinite=nonfinite, text=text)
+        record = call.record._replace(nonfinite=nonfinite, text=text)
         packed = self.exchange.allgather_record(
             record.pack(), lambda: self.exchange_name(kind, call))
         return validation.check_records(packed, self.exchange.rank,
@@ -155,14 +148,11 @@ class LinkProtocol(object):
         # buf (float64) summed over processes, and the summed tag.
         tag = validation.exchange_tag(
             validation.exchange_digest((kind, call.identity)),
-            call.problem, nonfinite, samples)
+            call.record.problem, nonfinite, samples)
         describe = functools.partial(self.exchange_name, kind, call)
         self.exchange.admit(describe)
-        if self.exchange.size == 1:
-            sums, summed = buf, tag
-        else:
-            sums, summed = self.exchange.allreduce_sums(
-                buf, tag, describe, proceed=validation.tag_agrees)
+        sums, summed = self.exchange.allreduce_sums(
+            buf, tag, describe, proceed=validation.tag_agrees)
         if not validation.tag_agrees(summed):
             self._disagreement(kind, call, nonfinite)
         return sums, summed
@@ -184,8 +174,7 @@ class LinkProtocol(object):
             parts.append(self.exchange_sums(
                 call, 'double backward #{}'.format(self._sequence),
                 buf[start:start + piece]))
-        xp = backend.get_array_module(buf)
-        return xp.concatenate(parts) if len(parts) > 1 else parts[0]
+        return backend.get_array_module(buf).concatenate(parts)
 
     def _disagreement(self, kind, call, nonfinite):
         # Every process is here together (they read the same sums).
@@ -205,12 +194,9 @@ class LinkProtocol(object):
     def exchange_moments(self, call, moments, samples, eps=0.0,
                          nonfinite=False):
         """Global ``(count, mean, m2)`` from local ones, and the global
-        count as a host number (``samples``: the local count).
-
-        The sums go around the previous global mean of this link; should
-        the new mean lie far from it, they are exchanged once more around
-        the new one (every process sees the same numbers and decides alike).
-        """
+        count as a host number (``samples``: the local count). The sums go
+        around the link's previous global mean, and once more around the new
+        one if that lies far from it (every process decides alike)."""
         xp = backend.get_array_module(moments)
         shift = self._shift
         if (shift is None or shift.shape[0] != moments.shape[0]
@@ -242,22 +228,13 @@ def _device_kind(a):
     return 'gpu' if type(a).__module__.startswith('cupy') else 'other'
 
 
-def _package_version():
-    import multinode_bn  # late: the package imports this module
-    return str(multinode_bn.__version__)
+# Each communicator's count of first calls, keyed by its id and kept with
+# it alive so that the id is never reused.
+_first_calls = {}
 
 
-_first_call_numbers = {}
-
-
-def _first_call_number(comm):
-    """The next number of a link's first synchronized call on ``comm``, or
-    ``None`` for a one-process communicator, which never exchanges."""
-    mpi_comm = communication.mpi_comm_of(comm)
-    if mpi_comm.Get_size() == 1:
-        return None
-    # Keyed by the communicator object, kept alive with its count so that
-    # its id is never reused.
-    entry = _first_call_numbers.setdefault(id(mpi_comm), [mpi_comm, 0])
-    entry[1] += 1
-    return entry[1]
+def _first_call_number(mpi_comm):
+    """The next number of a link's first synchronized call on ``mpi_comm``."""
+    counter = _first_calls.setdefault(id(mpi_comm),
+                                      (mpi_comm, itertools.count(1)))[1]
+    return next(counter)
