@@ -105,8 +105,7 @@ def reference_batch_normalization(x, gy, gamma, beta, eps, decay):
 
 
 def run_link(comm, dtype):
-    """The link's forward and backward on this process's batch: its inputs
-    and results, by the reference's names."""
+    """This process's batch and the link's results on it, by name."""
     rng = numpy.random.RandomState(1000 + comm.rank)
     shape = (BATCH_SIZES[comm.rank % 3], CHANNELS) + SPATIAL
     x = chainer.Variable((3 + 2 * rng.standard_normal(shape)).astype(dtype))
@@ -123,21 +122,22 @@ def run_link(comm, dtype):
 
 
 def measure_latency(comm, calls):
-    """Median seconds of each of :data:`LATENCIES`: a link's training-mode
-    forward, an exchange as the link's alone (on a communicator of its own,
-    the tag and the ``1 + 2C`` sums) and a plain ``Allreduce``."""
+    """Median seconds of each of :data:`LATENCIES`; the exchange is as the
+    link's: on a communicator of its own, the tag and the ``1 + 2C`` sums."""
     link = multinode_bn.MultiNodeBatchNormalization(CHANNELS, comm)
     link.label = 'multinode_bn.check (latency)'
     x = numpy.arange(4 * CHANNELS, dtype=numpy.float32).reshape(4, CHANNELS)
     exchange = communication.create_exchange(comm, 'mpi')
     exchange.width = WIDTH
     tag = validation.exchange_tag(validation.exchange_digest('check'))
-    sums, buf = numpy.zeros(1 + 2 * CHANNELS), numpy.zeros(WIDTH)
-    steps = (lambda: link(x), lambda: exchange.allreduce_sums(sums, tag),
-             lambda: comm.Allreduce(MPI.IN_PLACE, buf))
-    with chainer.no_backprop_mode():
-        return [numpy.median(timeit.repeat(step, number=1, repeat=calls))
-                for step in steps]
+    sums = numpy.zeros(1 + 2 * CHANNELS)
+    send, receive = numpy.zeros(WIDTH), numpy.empty(WIDTH)
+    timers = [timeit.Timer(step) for step in (
+        lambda: link(x), lambda: exchange.allreduce_sums(sums, tag),
+        lambda: comm.Allreduce(send, receive))]
+    with chainer.no_backprop_mode():  # in turn: alike for the three
+        times = [[t.timeit(1) for t in timers] for _ in range(calls)]
+    return numpy.median(times, 0)
 
 
 def compare(runs, dtype):
@@ -146,8 +146,9 @@ def compare(runs, dtype):
     got = {name: numpy.concatenate([run[name] for run in runs])
            for name in ('x', 'gy', 'y', 'gx')}
     first = runs[0]
-    ref = reference_batch_normalization(got['x'], got['gy'], GAMMA.astype(
-        dtype), BETA.astype(dtype), EPS, DECAY)
+    ref = reference_batch_normalization(
+        got['x'], got['gy'], GAMMA.astype(dtype), BETA.astype(dtype), EPS,
+        DECAY)
     # Parameter gradients add up over processes; the running statistics
     # are rank 0's, if all are the same bits.
     for name in ('ggamma', 'gbeta'):
@@ -160,26 +161,30 @@ def compare(runs, dtype):
     ok = errors[worst] <= TOLERANCE[dtype]
     same = all(run[name].tobytes() == first[name].tobytes()
                for run in runs for name in ('avg_mean', 'avg_var'))
-    problems = [] if ok else ['{} error {:.1e} above {:.0e}'.format(
-        dtype, errors[worst], TOLERANCE[dtype])]
-    return ('  {}  max error {:.1e}{} (tolerance {:.0e}, worst: {})  '
+    line = ('  {}  max error {:.1e}{} (tolerance {:.0e}, worst: {})  '
             'statistics bit-identical: {}'.format(
                 dtype, errors[worst], '' if ok else ' TOO LARGE',
-                TOLERANCE[dtype], worst, 'yes' if same else 'NO'),
-            problems + ([] if same else [dtype + ' statistics differ']))
+                TOLERANCE[dtype], worst, 'yes' if same else 'NO'))
+    problems = []
+    if not ok:
+        problems.append('{} error {:.1e} above {:.0e}'.format(
+            dtype, errors[worst], TOLERANCE[dtype]))
+    if not same:
+        problems.append(dtype + ' running statistics differ')
+    return line, problems
 
 
 def report(rows, calls):
     """The report's lines but the verdict, and the problems found."""
     table, problems = format_table(rows)
     hosts = len({row['host'] for row in rows})
+    sizes = ', '.join(str(BATCH_SIZES[r % 3]) for r in range(len(rows)))
     lines = ['multinode_bn check: {} process{} on {} host{}'.format(
         len(rows), 'es' if len(rows) > 1 else '', hosts,
-        's' if hosts > 1 else '')] + table + ['', (
-            'synchronized BN forward + backward on local batches of {} (C={}, '
-            '{}x{}) against float64 NumPy on the gathered batch:').format(
-                ', '.join(str(BATCH_SIZES[r % 3]) for r in range(len(rows))),
-                CHANNELS, *SPATIAL)]
+        's' if hosts > 1 else '')] + table
+    lines += ['', 'synchronized BN forward + backward on local batches of {} '
+              '(C={}, {}x{}) against float64 NumPy on the gathered batch:'
+              .format(sizes, CHANNELS, *SPATIAL)]
     failures = [row['failure'] for row in rows if 'failure' in row]
     if failures:
         return (lines + ['  FAILED: ' + '; '.join(failures), ''],
