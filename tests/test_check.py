@@ -47,26 +47,30 @@ def _mpiexec(args, timeout=120):
     return proc, time.monotonic() - start
 
 
-def test_reference_formula_matches_chainer_on_one_batch():
-    rng = numpy.random.RandomState(0)
-    x = rng.standard_normal((5, 3, 4, 2)) * 2 + 7
-    gy = rng.standard_normal(x.shape)
-    gamma, beta = rng.rand(3) + 0.5, rng.standard_normal(3)
-    link = L.BatchNormalization(3, dtype=numpy.float64)
-    link.gamma.array[...] = gamma
-    link.beta.array[...] = beta
-    xv = chainer.Variable(x)
-    y = link(xv)
-    link.cleargrads()
-    y.grad = gy
-    y.backward()
-    ref = check.reference_batch_normalization(x, gy, gamma, beta, link.eps,
-                                              link.decay)
-    for name, ours in [('y', y.array), ('gx', xv.grad),
-                       ('ggamma', link.gamma.grad), ('gbeta', link.beta.grad),
-                       ('avg_mean', link.avg_mean),
-                       ('avg_var', link.avg_var)]:
-        numpy.testing.assert_allclose(ref[name], ours, rtol=1e-12,
+def test_run_link_gives_the_step_of_the_paper_formulas():
+    """The step the check runs on Chainer's link (its reference) and ours,
+    against float64 NumPy (Ioffe & Szegedy, 2015)."""
+    x, gy = (a.astype(numpy.float64) for a in check.local_batch(2, 'f8'))
+    link = L.BatchNormalization(check.CHANNELS, dtype=numpy.float64,
+                                initial_gamma=check.GAMMA,
+                                initial_beta=check.BETA)
+    got = check.run_link(link, x, gy)
+    axes, m = (0, 2, 3), x.size // x.shape[1]
+    mean, var = x.mean(axes, keepdims=True), x.var(axes, keepdims=True)
+    xhat = (x - mean) / numpy.sqrt(var + link.eps)
+    gamma = check.GAMMA.reshape(mean.shape)
+    gbeta = gy.sum(axes, keepdims=True)
+    ggamma = (gy * xhat).sum(axes, keepdims=True)
+    expected = {
+        'y': gamma * xhat + check.BETA.reshape(mean.shape),
+        'gx': gamma / numpy.sqrt(var + link.eps) * (
+            gy - (gbeta + xhat * ggamma) / m),
+        'ggamma': ggamma.ravel(), 'gbeta': gbeta.ravel(),
+        'avg_mean': (1 - link.decay) * mean.ravel(),
+        'avg_var': link.decay + (1 - link.decay) * var.ravel() * m / (m - 1)}
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        numpy.testing.assert_allclose(got[name], expected[name], rtol=1e-12,
                                       atol=1e-12, err_msg=name)
 
 

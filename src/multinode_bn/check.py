@@ -7,6 +7,7 @@ import sys
 import timeit
 
 import chainer
+import chainer.links as L
 import mpi4py
 from mpi4py import MPI
 import numpy
@@ -80,45 +81,32 @@ def format_table(rows):
             .rstrip() for cells in table], sorted(problems)
 
 
-def reference_batch_normalization(x, gy, gamma, beta, eps, decay):
-    """Batch normalization of one whole batch in float64 NumPy, by the
-    paper's formulas (Ioffe & Szegedy, 2015): ``y``, ``gx``, ``ggamma``,
-    ``gbeta``, and ``avg_mean`` and ``avg_var`` after one step.
-
-    Args:
-        x, gy: The input (channels on axis 1) and the output's gradient.
-        gamma, beta, eps, decay: As the link's.
-    """
-    x, gy = numpy.asarray(x, numpy.float64), numpy.asarray(gy, numpy.float64)
-    axes = (0,) + tuple(range(2, x.ndim))
-    m = x.size // x.shape[1]
-    mean, var = x.mean(axes, keepdims=True), x.var(axes, keepdims=True)
-    xhat = (x - mean) / numpy.sqrt(var + eps)
-    gbeta = gy.sum(axes, keepdims=True)
-    ggamma = (gy * xhat).sum(axes, keepdims=True)
-    gamma = numpy.reshape(gamma, mean.shape)
-    gx = gamma / numpy.sqrt(var + eps) * (gy - (gbeta + xhat * ggamma) / m)
-    return {'y': gamma * xhat + numpy.reshape(beta, mean.shape), 'gx': gx,
-            'ggamma': ggamma.ravel(), 'gbeta': gbeta.ravel(),
-            'avg_mean': (1 - decay) * mean.ravel(),
-            'avg_var': decay + (1 - decay) * var.ravel() * m / max(m - 1, 1)}
+def local_batch(rank, dtype):
+    """The input and output gradient of process ``rank``."""
+    rng = numpy.random.RandomState(1000 + rank)
+    shape = (BATCH_SIZES[rank % 3], CHANNELS) + SPATIAL
+    return ((3 + 2 * rng.standard_normal(shape)).astype(dtype),
+            rng.standard_normal(shape).astype(dtype))
 
 
-def run_link(comm, dtype):
-    """This process's batch and the link's results on it, by name."""
-    rng = numpy.random.RandomState(1000 + comm.rank)
-    shape = (BATCH_SIZES[comm.rank % 3], CHANNELS) + SPATIAL
-    x = chainer.Variable((3 + 2 * rng.standard_normal(shape)).astype(dtype))
-    gy = rng.standard_normal(shape).astype(dtype)
+def run_link(link, x, gy):
+    """One training step of ``link`` on ``x``: its results by name."""
+    x = chainer.Variable(x)
+    y = link(x)
+    gx, ggamma, gbeta = chainer.grad([y], [x, link.gamma, link.beta], [gy])
+    return {'y': y.array, 'gx': gx.array, 'ggamma': ggamma.array,
+            'gbeta': gbeta.array, 'avg_mean': link.avg_mean,
+            'avg_var': link.avg_var}
+
+
+def synchronized_step(comm, dtype):
+    """This process's batch and our link's results on it."""
+    x, gy = local_batch(comm.rank, dtype)
     link = multinode_bn.MultiNodeBatchNormalization(
         CHANNELS, comm, decay=DECAY, eps=EPS, dtype=dtype,
         initial_gamma=GAMMA.astype(dtype), initial_beta=BETA.astype(dtype))
     link.label = 'multinode_bn.check ({})'.format(dtype)
-    y = link(x)
-    gx, ggamma, gbeta = chainer.grad([y], [x, link.gamma, link.beta], [gy])
-    return {'x': x.array, 'gy': gy, 'y': y.array, 'gx': gx.array,
-            'ggamma': ggamma.array, 'gbeta': gbeta.array,
-            'avg_mean': link.avg_mean, 'avg_var': link.avg_var}
+    return dict(run_link(link, x, gy), x=x, gy=gy)
 
 
 def measure_latency(comm, calls):
@@ -141,25 +129,26 @@ def measure_latency(comm, calls):
 
 
 def compare(runs, dtype):
-    """The report's line on all processes' :func:`run_link` against the
-    reference on the whole batch, and the problems found."""
+    """The report's line on every process's :func:`synchronized_step`
+    against Chainer's float64 ``L.BatchNormalization`` on the gathered
+    batch, and the problems found."""
     got = {name: numpy.concatenate([run[name] for run in runs])
            for name in ('x', 'gy', 'y', 'gx')}
-    first = runs[0]
-    ref = reference_batch_normalization(
-        got['x'], got['gy'], GAMMA.astype(dtype), BETA.astype(dtype), EPS,
-        DECAY)
+    ref = run_link(L.BatchNormalization(
+        CHANNELS, DECAY, EPS, numpy.float64, initial_gamma=GAMMA,
+        initial_beta=BETA), got.pop('x').astype(numpy.float64),
+        got.pop('gy').astype(numpy.float64))
     # Parameter gradients add up over processes; the running statistics
     # are rank 0's, if all are the same bits.
     for name in ('ggamma', 'gbeta'):
         got[name] = sum(run[name].astype(numpy.float64) for run in runs)
-    got.update(avg_mean=first['avg_mean'], avg_var=first['avg_var'])
+    got.update(avg_mean=runs[0]['avg_mean'], avg_var=runs[0]['avg_var'])
     errors = {name: numpy.nan_to_num(abs(got[name] - ref[name]).max(),
                                      nan=numpy.inf) / abs(ref[name]).max()
               for name in ref}
     worst = max(errors, key=errors.get)
     ok = errors[worst] <= TOLERANCE[dtype]
-    same = all(run[name].tobytes() == first[name].tobytes()
+    same = all(run[name].tobytes() == runs[0][name].tobytes()
                for run in runs for name in ('avg_mean', 'avg_var'))
     line = ('  {}  max error {:.1e}{} (tolerance {:.0e}, worst: {})  '
             'statistics bit-identical: {}'.format(
@@ -183,8 +172,8 @@ def report(rows, calls):
         len(rows), 'es' if len(rows) > 1 else '', hosts,
         's' if hosts > 1 else '')] + table
     lines += ['', 'synchronized BN forward + backward on local batches of {} '
-              '(C={}, {}x{}) against float64 NumPy on the gathered batch:'
-              .format(sizes, CHANNELS, *SPATIAL)]
+              "(C={}, {}x{}) against Chainer's float64 BN on the gathered "
+              'batch:'.format(sizes, CHANNELS, *SPATIAL)]
     failures = [row['failure'] for row in rows if 'failure' in row]
     if failures:
         return (lines + ['  FAILED: ' + '; '.join(failures), ''],
@@ -234,7 +223,7 @@ def main(argv=None, comm=None, versions_override=None, stream=None):
                            .format(comm.size))
         try:
             for dtype in TOLERANCE:
-                row[dtype] = run_link(comm, dtype)
+                row[dtype] = synchronized_step(comm, dtype)
             row['latency'] = measure_latency(comm, args.calls)
         except communication.StallError:
             raise
