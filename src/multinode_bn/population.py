@@ -1,6 +1,5 @@
-"""Exact population statistics ("precise BN") over the data of all processes:
-float64 moments of every call, merged over the processes in rank order so
-that all end with the same bits."""
+"""Exact population statistics ("precise BN") over the data of all processes.
+"""
 
 import contextlib
 import functools
@@ -25,34 +24,30 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
                                  device=None, forward=None):
     """Sets every batch normalization's statistics to those of a dataset.
 
-    Runs ``model`` in training mode, without backpropagation, over the
-    batches of ``iterator``, and sets ``avg_mean``, ``avg_var`` and ``N`` of
+    Runs ``model`` in training mode without backpropagation over the
+    batches of ``iterator`` and sets ``avg_mean``, ``avg_var`` and ``N`` of
     each batch normalization to the exact mean, unbiased variance and
-    number of calls of its inputs on every process of its communicator (of
-    its own process for a plain ``L.BatchNormalization``).
+    number of calls of its inputs on all processes of its communicator
+    (its own process for a plain ``L.BatchNormalization``).
 
     Args:
         model (~chainer.Link): The model.
         iterator: This process's iterator over its shard of the data.
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of every process
-            that runs the model.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of all processes.
         n_batches (int or None): Global batches to run; ``None`` runs until
             every process's iterator is exhausted (it must not repeat).
         converter: As for Chainer's ``Evaluator``.
         device: As for Chainer's ``Evaluator``.
-        forward (callable): Called instead of ``model`` with the converted
-            arrays (unpacked from a tuple or a dict).
+        forward (callable): Called instead of ``model``, as by ``Evaluator``.
 
     Returns:
         int: The number of global batches run, equal on every process.
     """
-    if n_batches is not None and (int(n_batches) != n_batches
-                                  or n_batches < 0):
+    if n_batches is not None and not (int(n_batches) == n_batches >= 0):
         raise ValueError('n_batches must be a non-negative int or None; got '
                          '{!r}'.format(n_batches))
     device = None if device is None else backend.get_device(device)
-    # Other subclasses of L.BatchNormalization (L.BatchRenormalization)
-    # mean something else by their statistics.
+    # Not the subclasses: L.BatchRenormalization's statistics differ.
     targets = {id(link): (path, link) for path, link in model.namedlinks()
                if isinstance(link, MultiNodeBatchNormalization)
                or type(link) is L.BatchNormalization}
@@ -71,26 +66,22 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
             continue
         mean, var = population_mean_and_variance(moments)
         for current, value in ((link.avg_mean, mean), (link.avg_var, var)):
-            # To the persistent's own device, not necessarily the current.
-            current[...] = backend.get_device_from_array(current).send(
+            current[...] = link.device.send(
                 value.reshape(current.shape).astype(current.dtype))
         link.N = calls
     if unseen:
-        warnings.warn(
-            'update_population_statistics: {} received no input on any '
-            'process during {} batch(es) and kept its statistics.'.format(
-                ', '.join(unseen), steps), UserWarning)
+        warnings.warn('update_population_statistics: {} received no input '
+                      'on any process and kept its statistics'.format(
+                          ', '.join(unseen)))
     return steps
 
 
 def population_mean_and_variance(moments):
-    """Mean and unbiased variance from merged ``(count, mean, m2)`` triples.
+    """Mean and unbiased variance ``m2 / max(count - 1, 1)`` of moments.
 
     Args:
-        moments (numpy.ndarray): ``(C, 3)`` float64 moments.
-
-    Returns:
-        tuple: Float64 ``(C,)`` ``mean`` and ``var = m2 / max(count - 1, 1)``.
+        moments (numpy.ndarray): Merged float64 ``(count, mean, m2)`` of
+            each channel, ``(C, 3)``.
     """
     count = moments[:, 0]
     return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
@@ -118,7 +109,7 @@ class _MomentRecorder(chainer.LinkHook):
         moments = _local_moments(x, tuple(axis))
         before, calls = self.recorded.get(id(link), (None, 0))
         if before is not None:
-            moments = _merge([before, moments])
+            moments = statistics.merge_moments(numpy, before, moments)
         self.recorded[id(link)] = moments, calls + 1
 
 
@@ -132,23 +123,14 @@ def _local_moments(x, axis):
     return communication.to_host(reference.local_moments(layout.view(x)))
 
 
-def _merge(moments):
-    """Merges ``(C, 3)`` moments in order (the same bits on every rank)."""
-    return functools.reduce(
-        functools.partial(statistics.merge_moments, numpy), moments)
-
-
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                  recorder):
     """Runs the same number of recorded forward calls on every process."""
-    # Chainer's iterators cannot iterate over an empty dataset (the epoch
-    # detail divides by its length): such a process has no data at all.
-    dataset = getattr(iterator, 'dataset', None)
-    exhausted = dataset is not None and len(dataset) == 0
+    # Chainer's iterators divide by the length of the dataset (if known).
+    exhausted = len(getattr(iterator, 'dataset', [None])) == 0
     step, probed = 0, False
     while n_batches is None or step < n_batches:
-        # Told the others: None (no batch), the arguments with zero
-        # samples, or an error message.
+        # For the others: None (no batch), zero samples like it, or an error.
         arguments = report = None
         if not exhausted:
             try:
@@ -179,9 +161,6 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
             if device is not None:
                 empty = _map_arrays(device.send, empty)
             if not probed:
-                # Were only the processes without data to find that the
-                # model refuses it (max pooling does), they would raise
-                # alone while the others wait in a collective.
                 probed = True
                 _probe_empty_batch(forward, empty, step, without_data,
                                    mpi_comm.rank)
@@ -218,7 +197,8 @@ def _no_samples(array):
 
 
 def _probe_empty_batch(forward, empty, step, without_data, rank):
-    """Tries an empty batch on every process, so that all raise alike."""
+    """Tries the empty batch on every process, so that a model refusing it
+    (max pooling does) raises on all, not only where the others wait."""
     try:
         with warnings.catch_warnings():
             # Zero samples normalize nothing: the warnings would be false.
@@ -231,12 +211,13 @@ def _probe_empty_batch(forward, empty, step, without_data, rank):
             '{}); give every process data for every batch (equal shards, or '
             'n_batches with repeating iterators)'.format(
                 rank, ', '.join(map(str, without_data)), step,
-                type(e).__name__, (str(e).strip().splitlines() or [''])[-1]))
+                type(e).__name__, str(e).strip().split('\n')[-1]))
 
 
 def _merge_over_processes(targets, recorded):
-    """``recorded`` merged over each synchronized link's communicator."""
-    merged = dict(recorded)
+    """``recorded`` merged over each synchronized link's communicator, in
+    rank order: the same bits on every process."""
+    merge = functools.partial(statistics.merge_moments, numpy)
     groups = {}  # id(mpi4py communicator) -> (it, its links in model order)
     for key, (_, link) in targets.items():
         if isinstance(link, MultiNodeBatchNormalization):
@@ -255,9 +236,9 @@ def _merge_over_processes(targets, recorded):
                     mpi_comm.rank, seen))
         for i, key in enumerate(keys):
             if key in recorded:
-                merged[key] = (_merge(g[i][1] for g in gathered),
-                               recorded[key][1])
-    return merged
+                moments = functools.reduce(merge, [g[i][1] for g in gathered])
+                recorded[key] = moments, recorded[key][1]
+    return recorded
 
 
 @contextlib.contextmanager
