@@ -1,5 +1,4 @@
-"""Exact population statistics ("precise BN") over the data of all processes.
-"""
+"""Exact population statistics ("precise BN") over all processes' data."""
 
 import contextlib
 import functools
@@ -126,7 +125,7 @@ def _local_moments(x, axis):
 def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
                  recorder):
     """Runs the same number of recorded forward calls on every process."""
-    # Chainer's iterators divide by the length of the dataset (if known).
+    # Chainer's iterators would divide by zero over an empty dataset.
     exhausted = len(getattr(iterator, 'dataset', [None])) == 0
     step, probed = 0, False
     while n_batches is None or step < n_batches:
@@ -181,9 +180,8 @@ def _arguments(in_arrays):
 
 
 def _map_arrays(function, arguments):
-    args, kwargs = arguments
-    return (tuple(map(function, args)),
-            {k: function(a) for k, a in kwargs.items()})
+    return (tuple(map(function, arguments[0])),
+            {k: function(a) for k, a in arguments[1].items()})
 
 
 def _no_samples(array):
@@ -191,8 +189,7 @@ def _no_samples(array):
     array = getattr(array, 'array', array)  # a Variable's
     if not getattr(array, 'shape', None):
         raise TypeError('the converter must return arrays with a batch '
-                        'axis, or a tuple or dict of them; got {}'.format(
-                            type(array).__name__))
+                        'axis, not {}'.format(type(array).__name__))
     return numpy.zeros((0,) + array.shape[1:], dtype=array.dtype)
 
 
@@ -208,10 +205,9 @@ def _probe_empty_batch(forward, empty, step, without_data, rank):
         raise RuntimeError(
             'update_population_statistics (rank {}): rank(s) {} have no data '
             'for batch {} and the model does not accept an empty batch ({}: '
-            '{}); give every process data for every batch (equal shards, or '
-            'n_batches with repeating iterators)'.format(
-                rank, ', '.join(map(str, without_data)), step,
-                type(e).__name__, str(e).strip().split('\n')[-1]))
+            '{}); use equal shards, or n_batches and repeating iterators'
+            .format(rank, ', '.join(map(str, without_data)), step,
+                    type(e).__name__, str(e).strip().split('\n')[-1]))
 
 
 def _merge_over_processes(targets, recorded):
