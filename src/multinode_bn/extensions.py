@@ -11,18 +11,14 @@ from multinode_bn.population import update_population_statistics
 class PopulationStatistics(extension.Extension):
     """Trainer extension that recomputes exact population statistics.
 
-    Calls :func:`~multinode_bn.update_population_statistics` at each
-    trigger, with the iterator rewound (``reset()``, else a copy), and runs
-    before Chainer's ``Evaluator``, ChainerMN's multi-node evaluator and the
-    snapshots at the same trigger. Every process must reach it at the same
-    iterations. docs/usage.md has a complete example.
+    Runs :func:`~multinode_bn.update_population_statistics`, on every
+    process at the same iterations, before the evaluators and snapshots of
+    the same trigger; the iterator is rewound (``reset()``, else copied).
 
     Args:
-        iterator: This process's iterator, usually over its shard of the
-            training data; not repeating if ``n_batches`` is ``None``.
+        iterator: This process's iterator (finite for ``n_batches=None``).
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of every process.
-        n_batches (int or None): Global batches per run; ``None``: until
-            every process's shard is exhausted.
+        n_batches (int or None): Global batches per run (``None``: all).
         target (~chainer.Link): Default: the ``'main'`` optimizer's target.
         converter: Turns examples into input arrays.
         device: Device the arrays are sent to.
@@ -46,20 +42,17 @@ class PopulationStatistics(extension.Extension):
         self.trigger = trigger
 
     def __call__(self, trainer):
-        model = self.target
-        if model is None:
-            model = trainer.updater.get_optimizer('main').target
+        model = (self.target if self.target is not None
+                 else trainer.updater.get_optimizer('main').target)
         iterator = self.iterator
         if hasattr(iterator, 'reset'):
             iterator.reset()
         else:
             iterator = copy.copy(iterator)
         update_population_statistics(
-            model, iterator, self.comm, self.n_batches,
-            converter=self.converter, device=self.device,
-            forward=self.forward)
+            model, iterator, self.comm, self.n_batches, self.converter,
+            self.device, self.forward)
 
     def finalize(self):
-        """Finalizes the iterator."""
         if hasattr(self.iterator, 'finalize'):
             self.iterator.finalize()

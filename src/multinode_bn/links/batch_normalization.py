@@ -13,17 +13,14 @@ from multinode_bn.functions import batch_normalization as _mnbn
 class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
     """Batch normalization whose statistics span every process of ``comm``.
 
-    A drop-in :class:`chainer.links.BatchNormalization` (a subclass with the
-    same parameters, persistents and checkpoints) whose training mode uses
-    the mean and variance of the global batch: the local batches of every
-    process of ``comm`` together, which may differ in size or be empty.
-    Evaluation mode uses the running statistics, without communication.
+    A drop-in :class:`chainer.links.BatchNormalization` whose training mode
+    normalizes with the statistics of the local batches of all processes
+    together (of any sizes, even empty). Evaluation mode does not communicate.
 
     Args:
         size (int, tuple of ints, or None): Channel size or shape; ``None``
             takes it from the first input (``axis`` required).
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` (also a
-            ``Split`` sub-communicator); copies of the link share it.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``; copies share it.
         decay (float): Decay rate of the running averages.
         eps (float): Added to the variance.
         dtype (numpy.dtype): Type of parameters and statistics.
@@ -36,14 +33,6 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
         axis (int or tuple of ints): Axes reduced over (keyword only).
         initial_avg_mean: Initializer of ``avg_mean`` (default 0).
         initial_avg_var: Initializer of ``avg_var`` (default 1).
-
-    .. admonition:: Example
-
-        >>> from mpi4py import MPI
-        >>> bn = MultiNodeBatchNormalization(3, MPI.COMM_WORLD)
-        >>> x = np.random.randn(2, 3, 8, 8).astype(np.float32)
-        >>> bn(x).shape
-        (2, 3, 8, 8)
     """
 
     def __init__(self, size, comm, decay=0.9, eps=2e-5, dtype=None,
@@ -60,9 +49,7 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
 
     @property
     def label(self):
-        """How error and stall reports name this link: its path in the model
-        after :func:`~multinode_bn.create_mnbn_model`, else its name in its
-        parent and the order of its first synchronized call."""
+        """The link's name in error and stall reports (its model path)."""
         return self._impl_selector.protocol.label
 
     @label.setter
@@ -107,9 +94,8 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
         except Exception:
             self.avg_mean = self.avg_var = None
             self._initial_avg_mean, self._initial_avg_var = pending
-            for param in (self.gamma, self.beta):
-                if param is not None:
-                    param.array = None
+            for param in self.params():
+                param.array = None
             raise
 
     def _forward(self, x, finetune):
@@ -117,13 +103,11 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
         beta = self.beta if self.beta is not None else self._get_beta()[0]
         if not chainer.config.train:
             # fixed_batch_normalization takes the standard layout only.
-            layout = getattr(x, 'layout', None)
-            if layout is not None:
-                x = x.as_layout(None)
+            x = chainer.as_variable(x)
             y = functions.fixed_batch_normalization(
-                x, gamma, beta, self.avg_mean, self.avg_var, self.eps,
-                axis=self.axis)
-            return y if layout is None else y.as_layout(layout)
+                x.as_layout(None), gamma, beta, self.avg_mean, self.avg_var,
+                self.eps, axis=self.axis)
+            return y.as_layout(x.layout)
 
         avg_mean, avg_var, decay = self.avg_mean, self.avg_var, self.decay
         if chainer.config.in_recomputing:

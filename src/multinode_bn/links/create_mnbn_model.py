@@ -14,24 +14,21 @@ def create_mnbn_model(link, comm, communication_backend='auto',
                       in_place=False):
     """Copy of ``link`` with every ``L.BatchNormalization`` synchronized.
 
-    Every :class:`chainer.links.BatchNormalization` at any depth of a
-    ``Chain``, ``ChainList`` or ``Sequential`` becomes, at its own position,
-    a :class:`~multinode_bn.MultiNodeBatchNormalization` with the same
-    configuration, parameters, statistics and ``N``; subclasses with other
-    semantics (``L.BatchRenormalization``) are left, with a warning.
+    Each :class:`chainer.links.BatchNormalization` at any depth becomes a
+    :class:`~multinode_bn.MultiNodeBatchNormalization` with the same state;
+    subclasses (``L.BatchRenormalization``) are left, with a warning.
 
     Args:
         link (~chainer.Link): The model (or a single batch normalization).
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
-            share statistics.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` to share over.
         communication_backend (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
         in_place (bool): If ``True``, convert ``link`` itself, keeping the
-            parameter objects: for a model that cannot be deep-copied (a
-            ``Sequential`` holding a ``lambda``), which raises ``ValueError``.
+            parameter objects: for a model that cannot be copied (a
+            ``Sequential`` holding a ``lambda``).
 
     Returns:
-        ~chainer.Link: The converted copy; with ``in_place=True``, ``link``
-        itself (or the new link if ``link`` is an ``L.BatchNormalization``).
+        ~chainer.Link: The converted copy, or with ``in_place=True``
+        ``link`` itself (unless it is an ``L.BatchNormalization``).
     """
     def convert(child, path):
         if type(child) is L.BatchNormalization:
@@ -42,10 +39,9 @@ def create_mnbn_model(link, comm, communication_backend='auto',
             return _transplant(child, synced)
         if (isinstance(child, L.BatchNormalization)
                 and not isinstance(child, MultiNodeBatchNormalization)):
-            warnings.warn(
-                '{} at {} is a subclass of L.BatchNormalization with its own '
-                'semantics and was left unsynchronized.'.format(
-                    type(child).__name__, path or '/'), UserWarning)
+            warnings.warn('{} at {} has its own semantics and was left '
+                          'unsynchronized'.format(type(child).__name__,
+                                                  path or '/'))
         return child
 
     # The communicator must not be copied along with the model.
@@ -56,18 +52,16 @@ def create_mnbn_model(link, comm, communication_backend='auto',
 def revert_mnbn_model(link, in_place=False):
     """Copy of ``link`` with every synchronized BN made local again.
 
-    Every :class:`~multinode_bn.MultiNodeBatchNormalization` (or ChainerMN's)
-    becomes a :class:`chainer.links.BatchNormalization` with the same
-    parameters and statistics, which in evaluation mode computes the same.
+    Each :class:`~multinode_bn.MultiNodeBatchNormalization` (or ChainerMN's)
+    becomes an ``L.BatchNormalization`` with the same state, which computes
+    the same in evaluation mode.
 
     Args:
         link (~chainer.Link): The model.
-        in_place (bool): If ``True``, revert ``link`` itself (as for
-            :func:`create_mnbn_model`).
+        in_place (bool): If ``True``, revert ``link`` itself.
 
     Returns:
-        ~chainer.Link: The reverted copy, in which the original keeps its
-        communicator (or ``link``, reverted, with ``in_place=True``).
+        ~chainer.Link: The reverted copy, or ``link`` with ``in_place=True``.
     """
     def convert(child, path):
         if not _is_synchronized(child):
@@ -88,22 +82,18 @@ def _copy_unless_in_place(link, memo, in_place, caller):
     except (TypeError, ValueError, AttributeError,
             pickle.PicklingError) as error:
         raise ValueError(
-            '{caller} converts a copy of the model, and this {kind} cannot '
-            'be copied: {error} (a chainer.Sequential holding a lambda '
-            'cannot be, for one). Either pass in_place=True to convert the '
-            'model itself, or replace each lambda by a named function or a '
-            'functools.partial.'.format(caller=caller, error=error,
-                                        kind=type(link).__name__)) from error
+            '{} converts a copy of the model, and this {} cannot be copied '
+            '({}; a Sequential holding a lambda cannot be): pass '
+            'in_place=True, or replace each lambda by a named function'.format(
+                caller, type(link).__name__, error)) from error
 
 
 def _is_synchronized(link):
-    if isinstance(link, MultiNodeBatchNormalization):
-        return True
     try:
         from chainermn.links import MultiNodeBatchNormalization as Theirs
     except ImportError:  # pragma: no cover
-        return False
-    return isinstance(link, Theirs)
+        Theirs = MultiNodeBatchNormalization
+    return isinstance(link, (MultiNodeBatchNormalization, Theirs))
 
 
 def _config_of(bn):
@@ -118,20 +108,11 @@ def _config_of(bn):
 
 def _transplant(old, new):
     """Moves parameters, statistics and ``N`` of ``old`` into ``new``."""
-    with new.init_scope():
-        for name in ('gamma', 'beta'):
-            param = getattr(old, name, None)
-            if param is not None:
-                setattr(new, name, param)
-    if old.avg_mean is not None:
-        new.avg_mean = old.avg_mean
-        new.avg_var = old.avg_var
-    else:
-        # Not initialized yet: carry the pending initializers instead.
-        new._initial_avg_mean = getattr(old, '_initial_avg_mean', None)
-        new._initial_avg_var = getattr(old, '_initial_avg_var', None)
-    new.N = old.N
-    new.name = old.name
+    # new's constructor registered the same parameters and persistents; the
+    # initializers still matter to a link not yet called.
+    for name in ('gamma', 'beta', 'avg_mean', 'avg_var', 'N', 'name',
+                 '_initial_avg_mean', '_initial_avg_var'):
+        setattr(new, name, getattr(old, name, None))
     new.to_device(old.device)
     return new
 
@@ -144,7 +125,7 @@ def _replace_links(link, convert, path=''):
     # A Sequential's children are keyed (in paths and checkpoints) by their
     # position among its links, not among its layers.
     if isinstance(link, chainer.ChainList):
-        slots = list(enumerate(list(link.children())))
+        slots = list(enumerate(link.children()))
     elif isinstance(link, chainer.Chain):
         slots = [(name, getattr(link, name))
                  for name in sorted(link._children)]
@@ -154,15 +135,13 @@ def _replace_links(link, convert, path=''):
         new = _replace_links(child, convert, '{}/{}'.format(path, key))
         if new is child:
             continue
-        if isinstance(link, chainer.Sequential):
-            # Sequential's own __setitem__ deletes and re-inserts, which
-            # reorders the links (and so the checkpoint keys) when plain
-            # functions sit between them: replace in place instead.
+        if isinstance(key, int):
+            # Not Sequential's __setitem__: its delete and re-insert reorder
+            # the links (the checkpoint keys) around plain functions.
             chainer.ChainList.__setitem__(link, key, new)
-            link._layers = [new if layer is child else layer
-                            for layer in link._layers]
-        elif isinstance(key, int):
-            link[key] = new
+            if isinstance(link, chainer.Sequential):
+                link._layers = [new if layer is child else layer
+                                for layer in link._layers]
         else:
             delattr(link, key)
             with link.init_scope():
