@@ -15,6 +15,8 @@ import numpy
 
 #: Seconds before a stalled exchange raises, as PyTorch's NCCL watchdog.
 DEFAULT_ABORT_AFTER = 1800.0
+# Collectives left in flight by a stall or an interrupt, kept for good.
+_ABANDONED = []
 
 
 def is_nccl_communicator(comm):
@@ -70,8 +72,6 @@ class StallPolicy(collections.namedtuple(
             :data:`DEFAULT_ABORT_AFTER`).
     """
 
-    __slots__ = ()
-
     def __new__(cls, timeout=60.0, action='report', stream=None,
                 abort_after=None):
         if action not in ('report', 'raise'):
@@ -80,8 +80,20 @@ class StallPolicy(collections.namedtuple(
         if abort_after is None:
             abort_after = DEFAULT_ABORT_AFTER
         return super(StallPolicy, cls).__new__(
-            cls, _seconds('timeout', timeout), action, stream,
-            _seconds('abort_after', abort_after))
+            cls, cls._seconds('timeout', timeout), action, stream,
+            cls._seconds('abort_after', abort_after))
+
+    @staticmethod
+    def _seconds(field, value):
+        try:
+            seconds = 0.0 if value is None else float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 <= seconds < math.inf:
+            raise ValueError('{} must be a positive number of seconds, or '
+                             '0 or None for never; got {!r}'.format(
+                                 field, value))
+        return seconds or None
 
     @classmethod
     def from_environment(cls, environ=os.environ):
@@ -103,18 +115,6 @@ class StallPolicy(collections.namedtuple(
                               'using the default.'.format(name, raw, error),
                               RuntimeWarning, stacklevel=2)
         return cls(**settings)
-
-
-def _seconds(field, value):
-    """``value`` in seconds, ``None`` for ``None`` or 0."""
-    try:
-        seconds = 0.0 if value is None else float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not 0 <= seconds < math.inf:
-        raise ValueError('{} must be a positive number of seconds, or 0 or '
-                         'None for never; got {!r}'.format(field, value))
-    return seconds or None
 
 
 _stall_policy = StallPolicy.from_environment()
@@ -170,8 +170,7 @@ class MpiStatsExchange(object):
     CuPy buffers are staged through host memory (they are O(channels)).
 
     Args:
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``, kept as given
-            (a copy of the owning link shares the exchange).
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``, kept as given.
     """
 
     def __init__(self, comm):
@@ -200,10 +199,10 @@ class MpiStatsExchange(object):
             except MPI.Exception as error:
                 raise RuntimeError(
                     'multinode_bn: rank {}: no communicator for the {} ({}):'
-                    ' MPI allows a few thousand, one per link alive that has '
-                    'exchanged. Keep fewer links, or share them (deepcopy '
-                    'and link.copy() do).'.format(
-                        self.rank, describe(), error.Get_error_string()))
+                    ' MPI allows a few thousand, one per live link that has '
+                    'exchanged. Keep fewer links alive, or share them between'
+                    ' copies of a model (copy.deepcopy and link.copy() do).'
+                    .format(self.rank, describe(), error.Get_error_string()))
             self._own = own
             weakref.finalize(self, _free, own)
         return self._own
@@ -254,11 +253,10 @@ class MpiStatsExchange(object):
     def allgather_record(self, record, describe=str):
         """Every process's int64 ``record``, ``(size, len(record))``; of
         one size everywhere, so it can neither truncate nor hang."""
-        out = numpy.empty((self.size, len(record)), dtype=numpy.int64)
-        if self.size == 1:
-            out[0] = record
-            return out
         send = numpy.ascontiguousarray(record, dtype=numpy.int64)
+        if self.size == 1:
+            return send.reshape(1, -1).copy()
+        out = numpy.empty((self.size, send.size), dtype=numpy.int64)
         request = self.link_comm(describe).Iallgather(send, out)
         self._wait(request, describe, send, out)
         return out
@@ -341,17 +339,10 @@ def allgather_objects(comm, obj):
     """Every process's picklable ``obj``, in rank order, for exchanges
     that are not sums of a fixed size (``comm`` as for the links)."""
     mpi_comm = mpi_comm_of(comm)
-    if mpi_comm.Get_size() == 1:
-        return [obj]
-    return mpi_comm.allgather(obj)
-
-
-# Collectives left in flight by a stall or an interrupt, kept for good.
-_ABANDONED = []
+    return [obj] if mpi_comm.Get_size() == 1 else mpi_comm.allgather(obj)
 
 
 def _free(comm):
     from mpi4py import MPI
-    if MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED):
-        return
-    comm.Free()
+    if not (MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED)):
+        comm.Free()
