@@ -1,9 +1,6 @@
-/*
- * The C side of multinode_bn.cpu_kernels, which documents the arithmetic, with
- * its four operations. Arrays arrive as C-contiguous buffers seen as (A, C,
- * B): A and B run over the reduced axes, C over the channels; the element
- * type, float32 or float64, is that of x. The loops release the GIL.
- */
+/* The four operations of multinode_bn.cpu_kernels (which documents their
+ * arithmetic) over C-contiguous buffers seen as (A, C, B), C the channels, of
+ * x's element type (float32 or float64). The loops release the GIL. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -14,7 +11,7 @@
 #else
 #define MNBN_CLONES
 #endif
-/* Ignored without OpenMP SIMD. The loops' sums are always t1 and t2. */
+/* Ignored without OpenMP SIMD; the loops' sums are always t1 and t2. */
 #define MNBN_SIMD_SUMS _Pragma("omp simd reduction(+:t1, t2)")
 #define MNBN_SIMD _Pragma("omp simd")
 
@@ -29,22 +26,15 @@
  * times faster; longer runs read in order measured faster (7 x 7 images). */
 #define MNBN_SHORT_RUN 17
 #define MNBN_SHORT_BLOCK 512
-/* The moments' shift: the mean of at least this many leading values. */
-#define MNBN_SHIFT_SAMPLE 16
+#define MNBN_SHIFT_SAMPLE 16 /* leading values averaged for the shift */
 
 /* The loops, once per element type T; FN(name) names the type's version. */
 #define T float
 #define FN(name) name##_f4
 #include "_cpu_kernels_loops.h"
-#undef T
-#undef FN
 #define T double
 #define FN(name) name##_f8
 #include "_cpu_kernels_loops.h"
-#undef T
-#undef FN
-
-/* ---- arguments: (A, C, B), then the buffers, x first -------------------- */
 
 /* Takes the buffer of `obj` into *v (C-contiguous, writable if `written`) and
  * checks that it holds rows * C * cols values of `type`: 'f' float32, 'd'
@@ -77,8 +67,8 @@ take(Py_buffer *v, PyObject *obj, const char *name, Py_ssize_t rows,
     return 0;
 }
 
-/* Releases the buffers taken for a call (a zeroed one has no obj): None when
- * its loop ran, else NULL. */
+/* Releases a call's buffers (those not taken have no obj): None if its loop
+ * ran, else NULL. */
 static PyObject *
 finish(Py_buffer *v, int ran)
 {

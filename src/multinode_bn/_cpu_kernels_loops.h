@@ -1,13 +1,9 @@
-/*
- * The loops of _cpu_kernels.c, written once and included per element type T,
- * FN(name) naming the type's version. Each is one pass over an (A, C, B) batch
- * x: per-channel float64 sums or an element-wise output, either weighted by a
- * second batch w (the upstream gradient gy) or not. The entry loops at the end
- * fix the kind with constants, so that it costs nothing inside the loops.
- */
+/* The loops of _cpu_kernels.c for element type T, FN(name) naming them: one
+ * pass over an (A, C, B) batch x for per-channel float64 sums or an output,
+ * weighted by a batch w (gy) or not: kinds the entry loops fix at no cost. */
 
-/* One value of the sums: with d = x - origin in float64, adds u to *s1 and
- * u * d to *s2, where u = w when weighted, d otherwise. */
+/* Adds u and u * d to the sums: d = x - origin in float64, u = w if weighted,
+ * else d. */
 static inline __attribute__((always_inline)) void
 FN(add_sums)(int weighted, T x, T w, double origin, double *s1, double *s2)
 {
@@ -17,8 +13,7 @@ FN(add_sums)(int weighted, T x, T w, double origin, double *s1, double *s2)
     *s2 += u * d;
 }
 
-/* One value of the element-wise operations, in T: q * (x - centre) + r,
- * with p * w added before r when weighted. */
+/* In T: q * (x - centre) + r, with p * w added before r when weighted. */
 static inline __attribute__((always_inline)) T
 FN(affine)(int weighted, T x, T w, T centre, T p, T q, T r)
 {
@@ -40,9 +35,8 @@ FN(pass)(int sums, int weighted, const T *x, const T *w, Py_ssize_t A,
     if (A == 0 || B == 0 || C == 0)
         return;
     if (B == 1) {
-        /* Channels innermost: blocks of channels whose terms (and the sums'
-         * accumulators) stay in registers over all rows, then the channels
-         * left over, row by row. */
+        /* Channels innermost: blocks of channels whose terms (or the sums)
+         * stay in registers over all rows, then the rest row by row. */
         Py_ssize_t c0 = 0;
         for (; (sums || C <= MNBN_BLOCKED_MAX) && c0 + MNBN_BLOCK <= C;
              c0 += MNBN_BLOCK) {
@@ -87,9 +81,8 @@ FN(pass)(int sums, int weighted, const T *x, const T *w, Py_ssize_t A,
         return;
     }
     if (sums && B < MNBN_SHORT_RUN) {
-        /* Short runs (small images): per-position accumulators over the rows
-         * for a block of channels, folded per channel at the end, so no
-         * horizontal sum per run. */
+        /* Short runs (small images): sums per position over the rows for a
+         * block of channels, folded per channel at the end, not per run. */
         const Py_ssize_t K = MNBN_SHORT_BLOCK / B;
         double t1[MNBN_SHORT_BLOCK], t2[MNBN_SHORT_BLOCK], m[MNBN_SHORT_BLOCK];
         for (Py_ssize_t c0 = 0; c0 < C; c0 += K) {
@@ -135,8 +128,6 @@ FN(pass)(int sums, int weighted, const T *x, const T *w, Py_ssize_t A,
     }
 }
 
-/* ---- entry loops, over the buffers as they come ------------------------ */
-
 /* sums = (sum gy, sum gy * (x - mean[c])) per channel, as (2, C). */
 MNBN_CLONES static void
 FN(backward_sums)(const void *x, const void *gy, Py_ssize_t A, Py_ssize_t C,
@@ -145,8 +136,7 @@ FN(backward_sums)(const void *x, const void *gy, Py_ssize_t A, Py_ssize_t C,
     FN(pass)(1, 1, x, gy, A, C, B, mean, sums, NULL, NULL, NULL, NULL, NULL);
 }
 
-/* y = (x - centre[c]) * scale[c] + offset[c], coef = (centre, scale, offset)
- * as (3, C). */
+/* y = (x - centre[c]) * scale[c] + offset[c]; coef: the rows, (3, C). */
 MNBN_CLONES static void
 FN(normalize)(const void *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
               const void *coef, void *y)
@@ -155,8 +145,7 @@ FN(normalize)(const void *x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
     FN(pass)(0, 0, x, x, A, C, B, NULL, NULL, y, k, k, k + C, k + 2 * C);
 }
 
-/* gx = p[c] * gy + q[c] * (x - centre[c]) + r[c], coef = (centre, p, q, r)
- * as (4, C). */
+/* gx = p[c] * gy + q[c] * (x - centre[c]) + r[c]; coef: the rows, (4, C). */
 MNBN_CLONES static void
 FN(input_gradient)(const void *x, const void *gy, Py_ssize_t A, Py_ssize_t C,
                    Py_ssize_t B, const void *coef, void *gx)
@@ -166,10 +155,10 @@ FN(input_gradient)(const void *x, const void *gy, Py_ssize_t A, Py_ssize_t C,
              k + 3 * C);
 }
 
-/* moments (C x 3) = (count, mean, m2) per channel from the sums s1 of d and
- * s2 of d * d, d = x - shift[c]: shift is the mean of the first few values of
- * each channel, or the mean itself (the sums taken again) should it lie more
- * than tolerance standard deviations away. s: scratch of 2 C values. */
+/* moments (C, 3) = (count, mean, m2) from the sums s1 of d and s2 of d * d,
+ * d = x - shift[c]: shift is the mean of a channel's first values, or if that
+ * lies over tolerance deviations away the mean (the sums taken again). s holds
+ * 2 C values. */
 MNBN_CLONES static void
 FN(local_moments)(const void *data, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
                   double tolerance, double *shift, double *moments, double *s)
@@ -205,3 +194,6 @@ FN(local_moments)(const void *data, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
         moments[3 * c + 2] = m2 < 0.0 ? 0.0 : m2;
     }
 }
+
+#undef T
+#undef FN

@@ -1,9 +1,8 @@
-"""Communicators and every collective of the package: a link's statistics
-exchange (:func:`create_exchange`), which moves buffers and knows nothing
-of what they mean, and the wait that reports stalls (:func:`wait`,
-:class:`StallPolicy`). See docs/design.md and docs/reliability.md.
-"""
+"""Communicators and every collective of the package: the links' exchanges,
+which move buffers without knowing what they mean, and the wait that reports
+stalls. ``mpi4py`` is imported late: importing it initializes MPI."""
 
+import collections
 import math
 import os
 import sys
@@ -14,70 +13,52 @@ import weakref
 
 import numpy
 
-BACKENDS = ('mpi', 'nccl', 'auto')
-ACTIONS = ('report', 'raise')
-#: Seconds after which a stalled exchange raises by default: 30 minutes,
-#: the longer default of PyTorch's NCCL watchdog (see docs/reliability.md).
+#: Seconds before a stalled exchange raises, as PyTorch's NCCL watchdog.
 DEFAULT_ABORT_AFTER = 1800.0
-
-
-def _mpi():
-    # Imported late: ``import multinode_bn`` must not initialize MPI.
-    from mpi4py import MPI
-    return MPI
+# Collectives left in flight by a stall or an interrupt, kept for good.
+_ABANDONED = []
 
 
 def is_nccl_communicator(comm):
     """Whether ``comm`` is ChainerMN's ``PureNcclCommunicator``."""
-    from chainermn.communicators.pure_nccl_communicator import \
-        PureNcclCommunicator
-    return isinstance(comm, PureNcclCommunicator)
+    from chainermn.communicators import pure_nccl_communicator
+    return isinstance(comm, pure_nccl_communicator.PureNcclCommunicator)
 
 
 def mpi_comm_of(comm):
     """The ``mpi4py`` communicator behind ``comm``; TypeError if none."""
-    MPI = _mpi()
-    for candidate in (comm, getattr(comm, 'mpi_comm', None)):
-        if isinstance(candidate, MPI.Comm):
-            return candidate
-    raise TypeError(
-        'comm must be a ChainerMN communicator (chainermn.create_communicator)'
-        ' or an mpi4py.MPI.Comm such as MPI.COMM_WORLD; got {!r}'.format(
-            type(comm)))
+    from mpi4py import MPI
+    mpi_comm = getattr(comm, 'mpi_comm', comm)
+    if isinstance(mpi_comm, MPI.Comm):
+        return mpi_comm
+    raise TypeError('comm must be a ChainerMN communicator or an mpi4py.MPI.'
+                    'Comm such as MPI.COMM_WORLD; got {!r}'.format(type(comm)))
 
 
 def select_backend(comm, communication_backend='auto'):
-    """``'mpi'`` or ``'nccl'``: ``'auto'`` picks NCCL for ChainerMN's
-    ``PureNcclCommunicator``; ValueError for an unknown name, or for
-    ``'nccl'`` with a communicator that has no NCCL."""
-    if communication_backend not in BACKENDS:
-        raise ValueError(
-            'communication_backend must be one of {}; got {!r}'.format(
-                ', '.join(repr(b) for b in BACKENDS), communication_backend))
-    nccl = is_nccl_communicator(comm)
-    if communication_backend == 'nccl' and not nccl:
-        raise ValueError(
-            "communication_backend='nccl' needs ChainerMN's "
-            "PureNcclCommunicator (chainermn.create_communicator('pure_nccl'))"
-            "; got {}. Use 'mpi' or 'auto'.".format(type(comm).__name__))
-    if communication_backend == 'auto':
-        return 'nccl' if nccl else 'mpi'
-    return communication_backend
+    """``'mpi'`` or ``'nccl'``, ``'auto'`` picking NCCL for ChainerMN's
+    ``PureNcclCommunicator``; ValueError for a name it cannot serve."""
+    backend = communication_backend
+    if backend == 'auto':
+        return 'nccl' if is_nccl_communicator(comm) else 'mpi'
+    if backend == 'mpi' or backend == 'nccl' and is_nccl_communicator(comm):
+        return backend
+    raise ValueError("communication_backend must be 'mpi', 'auto', or 'nccl' "
+                     "with ChainerMN's PureNcclCommunicator; got {!r} with "
+                     "{}".format(backend, type(comm).__name__))
 
 
 def create_exchange(comm, backend):
     """A statistics exchange for ``comm`` over ``'mpi'`` or ``'nccl'``."""
-    if backend == 'nccl':
-        return NcclStatsExchange(comm)
-    return MpiStatsExchange(comm)
+    return (NcclStatsExchange if backend == 'nccl' else MpiStatsExchange)(comm)
 
 
 class StallError(RuntimeError):
-    """An exchange did not complete in time. Its link refuses further
-    calls: let the exception end the job (``python -m mpi4py``)."""
+    """An exchange did not complete in time; its link refuses further calls."""
 
 
-class StallPolicy(object):
+class StallPolicy(collections.namedtuple(
+        'StallPolicy', 'timeout action stream abort_after')):
     """When a process waiting in an exchange says so, and gives up.
 
     Args:
@@ -87,66 +68,53 @@ class StallPolicy(object):
             or ``'raise'`` (print, raise :class:`StallError`).
         stream: Where the line goes (default ``sys.stderr``).
         abort_after (float or None): Seconds before :class:`StallError`
-            whatever ``action`` says (``0``: wait for ever; default
+            whatever the action (``0``: never; ``None``: the default,
             :data:`DEFAULT_ABORT_AFTER`).
     """
 
-    def __init__(self, timeout=60.0, action='report', stream=None,
-                 abort_after=None):
+    def __new__(cls, timeout=60.0, action='report', stream=None,
+                abort_after=None):
+        if action not in ('report', 'raise'):
+            raise ValueError(
+                'action must be report or raise; got {!r}'.format(action))
         if abort_after is None:
             abort_after = DEFAULT_ABORT_AFTER
-        self.action = _checked('action', action)
-        self.timeout = _checked('timeout', timeout)
-        self.stream = stream
-        self.abort_after = _checked('abort_after', abort_after)
+        return super(StallPolicy, cls).__new__(
+            cls, cls._seconds('timeout', timeout), action, stream,
+            cls._seconds('abort_after', abort_after))
 
-    def __repr__(self):
-        return ('StallPolicy(timeout={!r}, action={!r}, stream={!r}, '
-                'abort_after={!r})'.format(self.timeout, self.action,
-                                           self.stream, self.abort_after))
+    @staticmethod
+    def _seconds(field, value):
+        try:
+            seconds = 0.0 if value is None else float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 <= seconds < math.inf:
+            raise ValueError('{} must be a positive number of seconds, or '
+                             '0 or None for never; got {!r}'.format(
+                                 field, value))
+        return seconds or None
 
     @classmethod
     def from_environment(cls, environ=os.environ):
-        """From ``MULTINODE_BN_STALL_TIMEOUT``, ``_ABORT`` (seconds; ``0``
-        or ``off``: none) and ``_ACTION``. An invalid value is named in a
-        warning and replaced by the default: the import never fails."""
+        """From ``MULTINODE_BN_STALL_TIMEOUT``, ``_ACTION`` and ``_ABORT``
+        (``0`` or ``off``: never); invalid values warn and keep the default."""
         settings = {}
-        for field, name, default in (
-                ('timeout', 'MULTINODE_BN_STALL_TIMEOUT', '60'),
-                ('abort_after', 'MULTINODE_BN_STALL_ABORT',
-                 str(int(DEFAULT_ABORT_AFTER))),
-                ('action', 'MULTINODE_BN_STALL_ACTION', 'report')):
-            raw = environ.get(name, default).strip().lower()
-            value = 0 if raw in ('0', 'off', 'none', 'no') else raw
+        for field, name in (('timeout', 'TIMEOUT'), ('action', 'ACTION'),
+                            ('abort_after', 'ABORT')):
+            raw = environ.get('MULTINODE_BN_STALL_' + name)
+            if raw is None:
+                continue
+            value = raw.strip().lower()
+            value = 0 if value in ('0', 'off', 'none', 'no') else value
             try:
-                _checked(field, value)
-            except ValueError:
-                accepted = ('report or raise' if field == 'action' else
-                            'a positive number of seconds, or 0 or off')
-                warnings.warn('{}={!r} is not valid (accepted: {}); using {}.'
-                              .format(name, raw, accepted, default),
+                cls(**{field: value})
+                settings[field] = value
+            except ValueError as error:
+                warnings.warn('MULTINODE_BN_STALL_{}={!r} is not valid ({}); '
+                              'using the default.'.format(name, raw, error),
                               RuntimeWarning, stacklevel=2)
-                value = default
-            settings[field] = value
         return cls(**settings)
-
-
-def _checked(field, value):
-    """``value`` as ``field`` of a :class:`StallPolicy`: an action, or
-    seconds (``None`` for ``None`` or 0); ValueError for anything else."""
-    if field == 'action':
-        if value in ACTIONS:
-            return value
-        raise ValueError("action must be 'report' or 'raise'; got "
-                         '{!r}'.format(value))
-    try:
-        seconds = 0.0 if value is None else float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if 0 <= seconds < math.inf:
-        return seconds or None
-    raise ValueError('{} must be a positive number of seconds, or None or '
-                     '0 to disable it; got {!r}'.format(field, value))
 
 
 _stall_policy = StallPolicy.from_environment()
@@ -154,8 +122,7 @@ _stall_policy = StallPolicy.from_environment()
 
 def set_stall_policy(timeout=60.0, action='report', stream=None,
                      abort_after=None):
-    """Sets the :class:`StallPolicy` (its arguments); returns the previous
-    one, to restore it later."""
+    """Sets the :class:`StallPolicy`; returns the previous one."""
     global _stall_policy
     previous = _stall_policy
     _stall_policy = StallPolicy(timeout, action, stream, abort_after)
@@ -169,49 +136,41 @@ def get_stall_policy():
 
 def wait(request, rank, describe, policy=None):
     """Completes a non-blocking collective, reporting a stall: spins on
-    ``Test`` (usually done in microseconds), then yields the processor to
-    oversubscribed processes."""
+    ``Test``, then yields the processor (to oversubscribed processes)."""
+    for _ in range(2000):
+        if request.Test():
+            return
     policy = policy or _stall_policy
     start = time.monotonic()
-    spins = 0
-    reported = False
+    report_at = policy.timeout or math.inf
     while not request.Test():
-        spins += 1
-        if spins < 2000:
-            continue
         waited = time.monotonic() - start
         time.sleep(0.0002 if waited > 0.01 else 0)
         abort = policy.abort_after and waited > policy.abort_after
-        late = policy.timeout and waited > policy.timeout and not reported
-        if not (late or abort):
+        if not abort and waited <= report_at:
             continue
-        reported = True
-        line = ('multinode_bn: rank {} has waited {:.0f} s in {}; the '
-                'other processes have not joined. Likely causes, in '
-                'order: a process exited or crashed (launch with '
-                '`mpiexec ... python -m mpi4py script.py` so that one '
-                'failure ends the job); processes disagree on control '
-                'flow (links called on some processes only, in another '
-                'order, or a skipped backward); links built on '
-                'different communicators.'.format(rank, waited, describe()))
+        report_at = math.inf
+        line = ('multinode_bn: rank {} has waited {:.0f} s in {}; the others '
+                'have not joined. Likely causes: a process exited (under '
+                '`python -m mpi4py` one failure ends the job); processes '
+                'disagree on control flow (a link skipped, called out of '
+                'order or without its backward); links on different '
+                'communicators.'.format(rank, waited, describe()))
         if abort:
-            line += (' Giving up (StallError) after {:.0f} s; a longer '
-                     'wait is allowed by MULTINODE_BN_STALL_ABORT or '
-                     'set_stall_policy(abort_after=...).'.format(waited))
+            line += (' Giving up (StallError); MULTINODE_BN_STALL_ABORT or '
+                     'set_stall_policy(abort_after=...) allow longer.')
         print(line, file=policy.stream or sys.stderr, flush=True)
         if abort or policy.action == 'raise':
             raise StallError(line)
 
 
 class MpiStatsExchange(object):
-    """A link's exchanges over MPI, on a duplicate of the communicator of
-    their own and all of one size (:attr:`width`): those of different links
-    never pair, and no reduction meets buffers of different sizes. CuPy
-    buffers are staged through host memory (they are O(channels)).
+    """A link's exchanges over MPI, all of one size (:attr:`width`) on a
+    communicator of their own, so that those of different links never pair.
+    CuPy buffers are staged through host memory (they are O(channels)).
 
     Args:
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``. Kept as given;
-            a copy of the owning link shares it.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``, kept as given.
     """
 
     def __init__(self, comm):
@@ -219,11 +178,8 @@ class MpiStatsExchange(object):
         self.base_comm = mpi_comm_of(comm)
         self.size = self.base_comm.Get_size()
         self.rank = self.base_comm.Get_rank()
-        #: Values in every summed exchange, the tag's included (set by the
-        #: owner at the first call).
-        self.width = None
-        #: What stalled, once an exchange raised :class:`StallError`.
-        self.stalled = None
+        self.width = None  # values per summed exchange, set by its owner
+        self.stalled = None  # what stalled, once StallError was raised
         self._own = None
         self._owner = None  # a thread, not its ident, which may be reused
         self._owner_lock = threading.Lock()
@@ -232,52 +188,40 @@ class MpiStatsExchange(object):
         return self  # a communicator is a process-wide resource
 
     def link_comm(self, describe):
-        """This exchange's own duplicate of the communicator, made at the
-        first exchange (``describe()``, for a stall report) by ``Idup``."""
-        if self._own is None and self.size == 1:
-            self._own = self.base_comm
-        elif self._own is None:
+        """The exchange's own duplicate of the communicator, made at its
+        first exchange (``describe()``, for a stall report)."""
+        if self._own is None:
+            from mpi4py import MPI
             try:
                 own, request = self.base_comm.Idup()
                 self._wait(request, lambda: 'creation of the communicator '
                            'for the ' + describe(), own)
-            except _mpi().Exception as error:
+            except MPI.Exception as error:
                 raise RuntimeError(
-                    'multinode_bn: rank {}: the communicator for the {} '
-                    'could not be created ({}). Each synchronized link that '
-                    'has exchanged holds a communicator of its own, and MPI '
-                    'allows a few thousand at once (MPICH: about 2,000): '
-                    'keep fewer links alive, or share one link between '
-                    'copies of a model (copy.deepcopy and link.copy() share '
-                    'it).'.format(self.rank, describe(),
-                                  error.Get_error_string()))
+                    'multinode_bn: rank {}: no communicator for the {} ({}):'
+                    ' MPI allows a few thousand, one per live link that has '
+                    'exchanged. Keep fewer links alive, or share them between'
+                    ' copies of a model (copy.deepcopy and link.copy() do).'
+                    .format(self.rank, describe(), error.Get_error_string()))
             self._own = own
             weakref.finalize(self, _free, own)
         return self._own
 
     def admit(self, describe):
-        """Raises unless the calling thread may exchange now: not after an
-        exchange stalled, and only from the thread of the first call (two
-        threads' exchanges would pair in whatever order they come)."""
+        """Raises unless the calling thread may exchange: not after a stall,
+        and only from the thread of the link's first call."""
         if self.stalled:
-            raise StallError(
-                'multinode_bn: rank {}: {} cannot run: an earlier exchange of '
-                'this link stalled ({}) and is still in flight. End the job '
-                'and launch it again.'.format(self.rank, describe(),
-                                              self.stalled))
+            raise StallError('multinode_bn: rank {}: {} refused: {} stalled '
+                             'and is still in flight. End the job.'.format(
+                                 self.rank, describe(), self.stalled))
         thread = threading.current_thread()
         with self._owner_lock:
-            if self._owner is None:
-                self._owner = thread
+            self._owner = self._owner or thread
         if self._owner is not thread:
             raise RuntimeError(
-                'multinode_bn: rank {}: {} was called from thread {!r}, '
-                'but the link made its first call from thread {!r}. A '
-                'synchronized link (and its copies, which share its '
-                'communicator) is used from one thread: the exchanges '
-                'of two threads would pair across processes in whatever '
-                'order they come. Give each thread a link of its own, '
-                'on a communicator of its own.'.format(
+                'multinode_bn: rank {}: {} called from thread {!r}; the link '
+                'and its copies belong to {!r}, that of its first call. Give '
+                'each thread links on a communicator of its own.'.format(
                     self.rank, describe(), thread.name, self._owner.name))
 
     def allreduce_sums(self, buf, tag, describe=str, proceed=None):
@@ -285,7 +229,7 @@ class MpiStatsExchange(object):
         one collective of :attr:`width` values.
 
         Args:
-            buf: float64 NumPy or CuPy array of ``width - len(tag)`` values
+            buf: float64 NumPy or CuPy array, ``width - len(tag)`` values
                 at most.
             tag: float64 host vector (:func:`validation.exchange_tag`).
             describe: Returns what this call is, for a stall report.
@@ -298,16 +242,21 @@ class MpiStatsExchange(object):
         send[:n] = tag
         send[n:n + buf.size] = to_host(buf).ravel()
         out = self._host_sum(send, describe)
-        return _like(buf, out[n:n + buf.size].reshape(buf.shape)), out[:n]
+        sums = out[n:n + buf.size].reshape(buf.shape)
+        if type(buf) is not numpy.ndarray:
+            # Copied on the current stream, before the kernels queued after.
+            import cupy
+            host, sums = sums, cupy.empty(sums.shape)
+            sums.set(host, stream=cupy.cuda.get_current_stream())
+        return sums, out[:n]
 
     def allgather_record(self, record, describe=str):
         """Every process's int64 ``record``, ``(size, len(record))``; of
         one size everywhere, so it can neither truncate nor hang."""
-        out = numpy.empty((self.size, len(record)), dtype=numpy.int64)
-        if self.size == 1:
-            out[0] = record
-            return out
         send = numpy.ascontiguousarray(record, dtype=numpy.int64)
+        if self.size == 1:
+            return send.reshape(1, -1).copy()
+        out = numpy.empty((self.size, send.size), dtype=numpy.int64)
         request = self.link_comm(describe).Iallgather(send, out)
         self._wait(request, describe, send, out)
         return out
@@ -318,12 +267,10 @@ class MpiStatsExchange(object):
                              'hold {}'.format(n + buf.size, self.width))
         return self.width
 
-    def _host_sum(self, buf, describe):
-        host = numpy.ascontiguousarray(buf, dtype=numpy.float64)
-        out = numpy.empty_like(host)
-        request = self.link_comm(describe).Iallreduce(host, out,
-                                                      op=_mpi().SUM)
-        self._wait(request, describe, host, out)
+    def _host_sum(self, send, describe):
+        out = numpy.empty_like(send)
+        request = self.link_comm(describe).Iallreduce(send, out)
+        self._wait(request, describe, send, out)
         return out
 
     def _wait(self, request, describe, *buffers):
@@ -339,24 +286,20 @@ class MpiStatsExchange(object):
 
 class NcclStatsExchange(MpiStatsExchange):
     """Sums statistics with NCCL on the current CUDA stream, in buffers
-    allocated once per device, stream and size. Tags and records go over
-    MPI on the host: processes learn there, without waiting for the
-    device, whether their exchanges agree before NCCL is handed buffers.
+    kept per device, stream and size. Tags and records go over MPI on the
+    host, so that processes learn whether they agree before NCCL runs.
 
     Args:
         comm: ChainerMN's ``PureNcclCommunicator``.
     """
 
     def __init__(self, comm):
-        if not is_nccl_communicator(comm):
-            raise ValueError('NcclStatsExchange needs a PureNcclCommunicator')
         super(NcclStatsExchange, self).__init__(comm)
         self._buffers = {}
 
     def allreduce_sums(self, buf, tag, describe=str, proceed=None):
-        """As :meth:`MpiStatsExchange.allreduce_sums`, the device collective
-        only if ``proceed(summed_tag)``: every process reads the same sums,
-        so all skip it alike. The result is a new array."""
+        """As :meth:`MpiStatsExchange.allreduce_sums` (the result a new
+        array), the device collective only if ``proceed(summed_tag)``."""
         if self.size == 1:
             return buf, tag
         summed_tag = self._host_sum(tag, describe)
@@ -392,31 +335,14 @@ def to_host(a):
     return host
 
 
-def _like(reference, host):
-    """``host`` on the device of ``reference`` (a NumPy or CuPy array),
-    copied on the current stream, before the kernels queued after it."""
-    if type(reference) is numpy.ndarray:
-        return host
-    import cupy
-    out = cupy.empty(host.shape, dtype=host.dtype)
-    out.set(host, stream=cupy.cuda.get_current_stream())
-    return out
-
-
 def allgather_objects(comm, obj):
     """Every process's picklable ``obj``, in rank order, for exchanges
     that are not sums of a fixed size (``comm`` as for the links)."""
     mpi_comm = mpi_comm_of(comm)
-    if mpi_comm.Get_size() == 1:
-        return [obj]
-    return mpi_comm.allgather(obj)
-
-
-# Collectives left in flight by a stall or an interrupt, kept for good.
-_ABANDONED = []
+    return [obj] if mpi_comm.Get_size() == 1 else mpi_comm.allgather(obj)
 
 
 def _free(comm):
-    if _mpi().Is_finalized() or any(c is comm for _, _, c in _ABANDONED):
-        return
-    comm.Free()
+    from mpi4py import MPI
+    if not (MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED)):
+        comm.Free()

@@ -1,13 +1,8 @@
-"""The CPU backend of the statistics: one-pass C loops.
-
-:class:`CpuStatistics` runs the four operations of the statistics backend
-interface in the C extension ``_cpu_kernels`` (float32 and float64 NumPy
-inputs, any memory layout; docs/performance.md); :func:`choose_statistics`
-picks the backend for an input.
-"""
+"""The CPU backend of the statistics, :class:`CpuStatistics`: one-pass C
+loops (``_cpu_kernels``, docs/performance.md); and :func:`choose_statistics`,
+which picks the backend for an input."""
 
 import os
-import sys
 import warnings
 
 import numpy
@@ -36,11 +31,9 @@ def serves(x, dtype):
 
 
 def choose_statistics(x, dtype):
-    """The statistics backend for input ``x`` computed in ``dtype``.
-
-    The C loops where :func:`serves` says so, unless
-    ``MULTINODE_BN_CPU_KERNELS`` is ``0``, ``off``, ``false`` or ``no``;
-    else the reference code (warning once where the extension is missing).
+    """The statistics backend for input ``x`` computed in ``dtype``: the C
+    loops where :func:`serves` says so and ``MULTINODE_BN_CPU_KERNELS`` is
+    not ``0``, ``off``, ``false`` or ``no``; else the reference code.
 
     Args:
         x (numpy.ndarray or cupy.ndarray): The input.
@@ -49,39 +42,26 @@ def choose_statistics(x, dtype):
     Returns:
         :class:`CpuStatistics` or ``statistics.ReferenceStatistics``.
     """
-    if type(x) is numpy.ndarray and dtype in SERVED_DTYPES:
-        if not available():
-            if not _warned_without_loops:
-                _warned_without_loops.append(True)
-                warnings.warn(
-                    'multinode_bn was installed without its C extension (no '
-                    'C compiler at install time?): batch normalization on '
-                    'the CPU runs the slower NumPy code. Reinstall with a C '
-                    'compiler to get the one-pass loops.', RuntimeWarning)
-        elif _enabled() and serves(x, dtype):
-            return CpuStatistics(dtype)
-    return statistics.ReferenceStatistics(_array_module(x), dtype)
+    if serves(x, dtype) and _enabled():
+        return CpuStatistics(dtype)
+    if (not available() and not _warned_without_loops
+            and type(x) is numpy.ndarray and dtype in SERVED_DTYPES):
+        _warned_without_loops.append(True)
+        warnings.warn(
+            'multinode_bn was installed without its C extension (no C '
+            'compiler?): the CPU runs the slower NumPy code. Reinstall with '
+            'a C compiler to get the one-pass loops.', RuntimeWarning)
+    return statistics.ReferenceStatistics(statistics.array_module(x), dtype)
 
 
 def _enabled():
-    """Whether ``MULTINODE_BN_CPU_KERNELS`` leaves the C loops on."""
     value = os.environ.get('MULTINODE_BN_CPU_KERNELS', '1').strip().lower()
-    if value in ('0', 'off', 'false', 'no'):
-        return False
-    if value not in ('1', 'on', 'true', 'yes', ''):
-        warnings.warn(
-            'MULTINODE_BN_CPU_KERNELS={!r} is not valid (accepted: 0, off, '
-            'false, no to switch the C loops off; 1, on, true, yes); using '
-            'the C loops.'.format(value), RuntimeWarning)
-    return True
-
-
-def _array_module(x):
-    """``cupy`` for a CuPy array, else ``numpy`` (never importing CuPy)."""
-    cupy = sys.modules.get('cupy')
-    if cupy is not None and isinstance(x, cupy.ndarray):
-        return cupy
-    return numpy
+    off = value in ('0', 'off', 'false', 'no')
+    if not off and value not in ('1', 'on', 'true', 'yes', ''):
+        warnings.warn('MULTINODE_BN_CPU_KERNELS={!r} is not valid (accepted: '
+                      '0, off, false, no to switch the C loops off; 1, on, '
+                      'true, yes); using them.'.format(value), RuntimeWarning)
+    return not off
 
 
 def _ready(a, dtype):
@@ -105,36 +85,31 @@ class CpuStatistics(object):
 
     def local_moments(self, x3):
         x3 = _ready(x3, self.dtype)
-        rows, channels, inner = x3.shape
-        shift = numpy.empty(channels, dtype=statistics.MOMENTS_DTYPE)
-        moments = numpy.empty((channels, 3), dtype=statistics.MOMENTS_DTYPE)
-        _native.local_moments(rows, channels, inner, x3, shift, moments,
+        moments = numpy.empty((x3.shape[1], 3), statistics.MOMENTS_DTYPE)
+        shift = numpy.empty(x3.shape[1], statistics.MOMENTS_DTYPE)
+        _native.local_moments(*x3.shape, x3, shift, moments,
                               statistics.SHIFT_TOLERANCE)
         return moments
 
     def normalize(self, x3, mean, scale, beta, out_dtype):
         x3 = _ready(x3, self.dtype)
-        rows, channels, inner = x3.shape
         centre, rest = statistics.rounded_centre(mean, self.dtype)
-        coef = numpy.array([centre, scale, beta + rest * scale],
-                           dtype=self.dtype)
-        y3 = numpy.empty(x3.shape, dtype=self.dtype)
-        _native.normalize(rows, channels, inner, x3, coef, y3)
+        coef = numpy.array([centre, scale, beta + rest * scale], self.dtype)
+        y3 = numpy.empty(x3.shape, self.dtype)
+        _native.normalize(*x3.shape, x3, coef, y3)
         return y3.astype(out_dtype, copy=False)
 
     def backward_sums(self, x3, gy3, mean):
         x3, gy3 = _ready(x3, self.dtype), _ready(gy3, self.dtype)
-        rows, channels, inner = x3.shape
-        sums = numpy.empty((2, channels), dtype=statistics.MOMENTS_DTYPE)
-        _native.backward_sums(rows, channels, inner, x3, gy3,
+        sums = numpy.empty((2, x3.shape[1]), statistics.MOMENTS_DTYPE)
+        _native.backward_sums(*x3.shape, x3, gy3,
                               _ready(mean, statistics.MOMENTS_DTYPE), sums)
         return sums
 
     def input_gradient(self, x3, gy3, mean, p, q, r, out_dtype):
         x3, gy3 = _ready(x3, self.dtype), _ready(gy3, self.dtype)
-        rows, channels, inner = x3.shape
         centre, rest = statistics.rounded_centre(mean, self.dtype)
-        coef = numpy.array([centre, p, q, r + q * rest], dtype=self.dtype)
-        gx3 = numpy.empty(x3.shape, dtype=self.dtype)
-        _native.input_gradient(rows, channels, inner, x3, gy3, coef, gx3)
+        coef = numpy.array([centre, p, q, r + q * rest], self.dtype)
+        gx3 = numpy.empty(x3.shape, self.dtype)
+        _native.input_gradient(*x3.shape, x3, gy3, coef, gx3)
         return gx3.astype(out_dtype, copy=False)

@@ -61,7 +61,7 @@ class Layout(object):
         it, otherwise one C-contiguous copy."""
         moved = a.transpose(self.order)
         if not moved.flags.c_contiguous:
-            moved = _array_module(a).ascontiguousarray(moved)
+            moved = array_module(a).ascontiguousarray(moved)
         return moved.reshape(self.shape3)
 
     def restore(self, a3):
@@ -206,5 +206,5 @@ def _moments(xp, count, mean, m2):
     return moments
 
 
-def _array_module(a):
+def array_module(a):
     return numpy if isinstance(a, numpy.ndarray) else __import__('cupy')
