@@ -15,6 +15,10 @@ from multinode_bn import communication
 from multinode_bn import statistics
 from multinode_bn import validation
 
+# Each communicator's counter of first calls, by id, kept with it alive so
+# that the id is never reused.
+_first_calls = {}
+
 
 class Call(collections.namedtuple('Call', (
         'number', 'record', 'config', 'identity'))):
@@ -34,12 +38,9 @@ class LinkProtocol(object):
     def __init__(self, comm, backend_name):
         self.backend_name = backend_name
         self.exchange = communication.create_exchange(comm, backend_name)
-        #: The link's name in its parent (``link.name``), if any.
-        self.name = None
+        self.name = None  # the link's name in its parent, if any
         self._label = None
-        # The order of the link's first synchronized call on the
-        # communicator (none for links that never exchanged).
-        self._number = None
+        self._number = None  # the order of its first synchronized call
         self.calls = 0
         self._records = {}
         self._sequence = 0  # of double backward exchanges
@@ -71,11 +72,10 @@ class LinkProtocol(object):
 
     def begin_call(self, x, gamma, beta, axis, config, running=(),
                    name=None):
-        """Counts a call and checks its input (``running``: the running
-        statistics to update) on every process: at the link's first call by
-        gathering their records, later in the tag of its first exchange. A
-        problem anywhere raises the same ``InconsistentInputError`` on every
-        process, before any output or state is produced.
+        """Counts a call and checks its input (``running``: the statistics
+        to update) on every process: by gathering records at the first call,
+        later in the tag of its first exchange. A problem anywhere raises
+        the same ``InconsistentInputError`` everywhere, before any output.
 
         Returns:
             Call: What the call's exchanges name.
@@ -101,7 +101,9 @@ class LinkProtocol(object):
         if agreed and not record.problem and width != self.exchange.width:
             record = record._replace(problem=validation.WIDTH_CHANGED)
         if self._number is None and not agreed and self.exchange.size > 1:
-            self._number = _first_call_number(self.exchange.base_comm)
+            mpi_comm = self.exchange.base_comm
+            self._number = next(_first_calls.setdefault(
+                id(mpi_comm), (mpi_comm, itertools.count(1)))[1])
         call = Call(self.calls, record, config, '{!r} {}'.format(
             (self.label, self._number, self.calls, width, config), agreeing))
         if not agreed:
@@ -153,9 +155,21 @@ class LinkProtocol(object):
         self.exchange.admit(describe)
         sums, summed = self.exchange.allreduce_sums(
             buf, tag, describe, proceed=validation.tag_agrees)
-        if not validation.tag_agrees(summed):
-            self._disagreement(kind, call, nonfinite)
-        return sums, summed
+        if validation.tag_agrees(summed):
+            return sums, summed
+        # Every process is here together (they read the same sums).
+        records = self._check_records(kind, call, nonfinite)
+        bad = [r for r, record in enumerate(records) if record.nonfinite]
+        if bad:
+            raise FloatingPointError(
+                '{}: non-finite {} statistics from rank(s) {} (call {}, '
+                'raised on rank {}). Check the input of those ranks.'.format(
+                    self.label, kind, ', '.join(map(str, bad)), call.number,
+                    self.exchange.rank))
+        raise validation.InconsistentInputError(
+            '{} (raised on rank {}): processes disagree on the {} exchange '
+            'of call {}.'.format(self.label, self.exchange.rank, kind,
+                                 call.number))
 
     def exchange_sums(self, call, kind, buf, nonfinite=False):
         """Sums ``buf`` (float64) over processes, as exchange ``kind`` of
@@ -175,21 +189,6 @@ class LinkProtocol(object):
                 call, 'double backward #{}'.format(self._sequence),
                 buf[start:start + piece]))
         return backend.get_array_module(buf).concatenate(parts)
-
-    def _disagreement(self, kind, call, nonfinite):
-        # Every process is here together (they read the same sums).
-        records = self._check_records(kind, call, nonfinite)
-        bad = [r for r, record in enumerate(records) if record.nonfinite]
-        if bad:
-            raise FloatingPointError(
-                '{}: non-finite {} statistics from rank(s) {} (call {}, '
-                'raised on rank {}). Check the input of those ranks.'.format(
-                    self.label, kind, ', '.join(map(str, bad)), call.number,
-                    self.exchange.rank))
-        raise validation.InconsistentInputError(
-            '{} (raised on rank {}): processes disagree on the {} exchange '
-            'of call {}.'.format(self.label, self.exchange.rank, kind,
-                                 call.number))
 
     def exchange_moments(self, call, moments, samples, eps=0.0,
                          nonfinite=False):
@@ -227,14 +226,3 @@ def _device_kind(a):
         return 'cpu'
     return 'gpu' if type(a).__module__.startswith('cupy') else 'other'
 
-
-# Each communicator's count of first calls, keyed by its id and kept with
-# it alive so that the id is never reused.
-_first_calls = {}
-
-
-def _first_call_number(mpi_comm):
-    """The next number of a link's first synchronized call on ``mpi_comm``."""
-    counter = _first_calls.setdefault(id(mpi_comm),
-                                      (mpi_comm, itertools.count(1)))[1]
-    return next(counter)

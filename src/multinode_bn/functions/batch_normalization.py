@@ -20,9 +20,8 @@ from multinode_bn import protocol
 from multinode_bn import statistics
 
 
-def get_communication_backend(comm, communication_backend='auto'):
-    """``'mpi'`` or ``'nccl'`` for ``comm``, as ChainerMN's function."""
-    return communication.select_backend(comm, communication_backend)
+#: ChainerMN's name of :func:`multinode_bn.communication.select_backend`.
+get_communication_backend = communication.select_backend
 
 
 class MultiNodeBNImplSelector(object):
@@ -136,11 +135,6 @@ def _update_running(running_mean, running_var, mean, var, count, decay):
             running.shape)
 
 
-# Chainer's "will always output a zero tensor" warnings see the local batch.
-_ONE_SAMPLE_WARNINGS = ('A batch with no more than one sample',
-                        'F.batch_normalization received a batch with single')
-
-
 class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
     """Chainer's ``BatchNormalization`` node with a synchronized backward.
 
@@ -155,9 +149,8 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
         # Chainer's constructor refuses an eps below cuDNN's minimum
         # whenever cuDNN is available; this node never uses cuDNN.
         with chainer.using_config('use_cudnn', 'never'):
-            super(MultiNodeBatchNormalizationFunction, self).__init__(
-                eps=eps, mean=mean, var=var, decay=decay, axis=axis,
-                impl_selector=impl_selector)
+            super().__init__(eps=eps, mean=mean, var=var, decay=decay,
+                             axis=axis, impl_selector=impl_selector)
         self.call = call
 
     def forward_chainerx(self, inputs):
@@ -170,11 +163,11 @@ class MultiNodeBatchNormalizationFunction(_bn.BatchNormalization):
                 x, gamma, beta, self.axis, _config(self.eps, self.decay),
                 running=(self.running_mean, self.running_var))
         with warnings.catch_warnings():
-            # The global count is checked after the exchange instead.
-            for message in _ONE_SAMPLE_WARNINGS:
-                warnings.filterwarnings('ignore', message=message)
-            outputs = super(MultiNodeBatchNormalizationFunction,
-                            self).forward(inputs)
+            # Chainer's one-sample warnings see the local batch; the global
+            # count is checked after the exchange instead.
+            warnings.filterwarnings('ignore', 'A batch with no more than one '
+                                    'sample|F.batch_normalization received')
+            outputs = super().forward(inputs)
         if self.forward_data.count <= 1:
             warnings.warn(
                 'MultiNodeBatchNormalization received a global batch of {} '
