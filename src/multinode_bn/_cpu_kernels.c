@@ -21,14 +21,14 @@
 /* Element-wise loops read rows of more channels in order: a block's sweep
  * over rows 4 KiB apart and more thrashes the L1. */
 #define MNBN_BLOCKED_MAX 256
-/* Runs of one channel shorter than this (B <= 16: 4 x 4 images and smaller)
- * are summed position by position over blocks of MNBN_SHORT_BLOCK values, 3-5
- * times faster; longer runs read in order measured faster (7 x 7 images). */
+/* Runs of one channel shorter than this (4 x 4 images) are summed per position
+ * over blocks of MNBN_SHORT_BLOCK values, 3-5 times faster; 7 x 7 are not. */
 #define MNBN_SHORT_RUN 17
 #define MNBN_SHORT_BLOCK 512
 #define MNBN_SHIFT_SAMPLE 16 /* leading values averaged for the shift */
+/* An entry's loop `name` for the element type of its x, v[0]. */
+#define MNBN_LOOP(name) (v->itemsize == 4 ? name##_f4 : name##_f8)
 
-/* The loops, once per element type T; FN(name) names the type's version. */
 #define T float
 #define FN(name) name##_f4
 #include "_cpu_kernels_loops.h"
@@ -36,17 +36,16 @@
 #define FN(name) name##_f8
 #include "_cpu_kernels_loops.h"
 
-/* Takes the buffer of `obj` into *v (C-contiguous, writable if `written`) and
- * checks that it holds rows * C * cols values of `type`: 'f' float32, 'd'
- * float64 (native order), or 0 for either (x); else -1 with the error set.
- * Counts below PY_SSIZE_T_MAX / 8 keep every product of them from overflow. */
+/* Takes the buffer of `obj` into *v (C-contiguous, writable if `written`),
+ * holding rows * C * cols values of `type`: 'f' float32, 'd' float64 (native
+ * order), 0 either (x); else -1 with the error set. The count, a product in
+ * double, is capped with room for its rounding: no byte count overflows. */
 static int
 take(Py_buffer *v, PyObject *obj, const char *name, Py_ssize_t rows,
      Py_ssize_t C, Py_ssize_t cols, char type, int written)
 {
-    const Py_ssize_t limit = PY_SSIZE_T_MAX / 8;
-    if (rows < 0 || C < 0 || cols < 0 || (C > 0 && rows > limit / C) ||
-            (rows * C > 0 && cols > limit / (rows * C))) {
+    if (rows < 0 || C < 0 || cols < 0 ||
+            (double)rows * C * cols > PY_SSIZE_T_MAX / 16) {
         PyErr_Format(PyExc_ValueError, "invalid shape (%zd, %zd, %zd) of %s",
                      rows, C, cols, name);
         return -1;
@@ -67,17 +66,14 @@ take(Py_buffer *v, PyObject *obj, const char *name, Py_ssize_t rows,
     return 0;
 }
 
-/* Releases a call's buffers (those not taken have no obj): None if its loop
- * ran, else NULL. */
+/* Releases the buffers taken (obj set); None if the loop ran, else NULL. */
 static PyObject *
 finish(Py_buffer *v, int ran)
 {
     for (int i = 0; i < 4; ++i)
         if (v[i].obj)
             PyBuffer_Release(&v[i]);
-    if (!ran)
-        return NULL;
-    Py_RETURN_NONE;
+    return ran ? Py_BuildValue("") : NULL;
 }
 
 static PyObject *
@@ -99,8 +95,8 @@ local_moments(PyObject *self, PyObject *args)
     if (!scratch)
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    (v->itemsize == 4 ? local_moments_f4 : local_moments_f8)(
-        v[0].buf, A, C, B, tolerance, v[1].buf, v[2].buf, scratch);
+    MNBN_LOOP(local_moments)(v[0].buf, A, C, B, tolerance, v[1].buf, v[2].buf,
+                             scratch);
     Py_END_ALLOW_THREADS
     PyMem_Free(scratch);
     return finish(v, 1);
@@ -118,8 +114,7 @@ normalize(PyObject *self, PyObject *args)
             take(v + 2, y, "y", A, C, B, *v->format, 1))
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    (v->itemsize == 4 ? normalize_f4 : normalize_f8)(
-        v[0].buf, A, C, B, v[1].buf, v[2].buf);
+    MNBN_LOOP(normalize)(v[0].buf, A, C, B, v[1].buf, v[2].buf);
     Py_END_ALLOW_THREADS
     return finish(v, 1);
 }
@@ -137,8 +132,7 @@ backward_sums(PyObject *self, PyObject *args)
             take(v + 3, sums, "sums", 2, C, 1, 'd', 1))
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    (v->itemsize == 4 ? backward_sums_f4 : backward_sums_f8)(
-        v[0].buf, v[1].buf, A, C, B, v[2].buf, v[3].buf);
+    MNBN_LOOP(backward_sums)(v[0].buf, v[1].buf, A, C, B, v[2].buf, v[3].buf);
     Py_END_ALLOW_THREADS
     return finish(v, 1);
 }
@@ -156,20 +150,17 @@ input_gradient(PyObject *self, PyObject *args)
             take(v + 3, gx, "gx", A, C, B, *v->format, 1))
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    (v->itemsize == 4 ? input_gradient_f4 : input_gradient_f8)(
-        v[0].buf, v[1].buf, A, C, B, v[2].buf, v[3].buf);
+    MNBN_LOOP(input_gradient)(v[0].buf, v[1].buf, A, C, B, v[2].buf, v[3].buf);
     Py_END_ALLOW_THREADS
     return finish(v, 1);
 }
 
+#define MNBN_METHOD(name, args) {#name, name, METH_VARARGS, #name args}
 static PyMethodDef methods[] = {
-    {"local_moments", local_moments, METH_VARARGS,
-     "local_moments(A, C, B, x, shift, moments, tolerance)"},
-    {"normalize", normalize, METH_VARARGS, "normalize(A, C, B, x, coef, y)"},
-    {"backward_sums", backward_sums, METH_VARARGS,
-     "backward_sums(A, C, B, x, gy, mean, sums)"},
-    {"input_gradient", input_gradient, METH_VARARGS,
-     "input_gradient(A, C, B, x, gy, coef, gx)"},
+    MNBN_METHOD(local_moments, "(A, C, B, x, shift, moments, tolerance)"),
+    MNBN_METHOD(normalize, "(A, C, B, x, coef, y)"),
+    MNBN_METHOD(backward_sums, "(A, C, B, x, gy, mean, sums)"),
+    MNBN_METHOD(input_gradient, "(A, C, B, x, gy, coef, gx)"),
     {NULL, NULL, 0, NULL},
 };
 

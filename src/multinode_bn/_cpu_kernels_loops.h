@@ -1,9 +1,7 @@
 /* The loops of _cpu_kernels.c for element type T, FN(name) naming them: one
- * pass over an (A, C, B) batch x for per-channel float64 sums or an output,
- * weighted by a batch w (gy) or not: kinds the entry loops fix at no cost. */
+ * inline pass, whose kind the entry loops fix by constants, at no cost. */
 
-/* Adds u and u * d to the sums: d = x - origin in float64, u = w if weighted,
- * else d. */
+/* Adds u and u * d to the sums: d = x - origin in float64, u = w or d. */
 static inline __attribute__((always_inline)) void
 FN(add_sums)(int weighted, T x, T w, double origin, double *s1, double *s2)
 {
@@ -155,10 +153,9 @@ FN(input_gradient)(const void *x, const void *gy, Py_ssize_t A, Py_ssize_t C,
              k + 3 * C);
 }
 
-/* moments (C, 3) = (count, mean, m2) from the sums s1 of d and s2 of d * d,
- * d = x - shift[c]: shift is the mean of a channel's first values, or if that
- * lies over tolerance deviations away the mean (the sums taken again). s holds
- * 2 C values. */
+/* moments (C, 3) = (count, mean, m2) from the sums s1 of d, s2 of d * d (in s,
+ * 2 C values), d = x - shift[c]; shift: the mean of a channel's first values,
+ * or, if that lies over tolerance deviations away, the mean (summed again). */
 MNBN_CLONES static void
 FN(local_moments)(const void *data, Py_ssize_t A, Py_ssize_t C, Py_ssize_t B,
                   double tolerance, double *shift, double *moments, double *s)

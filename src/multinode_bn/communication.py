@@ -1,6 +1,5 @@
-"""Communicators and every collective of the package: the links' exchanges,
-which move buffers without knowing what they mean, and the wait that reports
-stalls. ``mpi4py`` is imported late: importing it initializes MPI."""
+"""Communicators and every collective of the package (docs/design.md).
+``mpi4py`` is imported late: importing it initializes MPI."""
 
 import collections
 import math
@@ -15,7 +14,7 @@ import numpy
 
 #: Seconds before a stalled exchange raises, as PyTorch's NCCL watchdog.
 DEFAULT_ABORT_AFTER = 1800.0
-# Collectives left in flight by a stall or an interrupt, kept for good.
+# Never freed: collectives left in flight by a stall, with all they write to.
 _ABANDONED = []
 
 
@@ -68,8 +67,7 @@ class StallPolicy(collections.namedtuple(
             or ``'raise'`` (print, raise :class:`StallError`).
         stream: Where the line goes (default ``sys.stderr``).
         abort_after (float or None): Seconds before :class:`StallError`
-            whatever the action (``0``: never; ``None``: the default,
-            :data:`DEFAULT_ABORT_AFTER`).
+            whatever the action; ``0``: never; ``None``: the default.
     """
 
     def __new__(cls, timeout=60.0, action='report', stream=None,
@@ -86,14 +84,12 @@ class StallPolicy(collections.namedtuple(
     @staticmethod
     def _seconds(field, value):
         try:
-            seconds = 0.0 if value is None else float(value)
+            if value is None or 0 <= float(value) < math.inf:
+                return float(value or 0) or None
         except (TypeError, ValueError):
-            seconds = math.nan
-        if not 0 <= seconds < math.inf:
-            raise ValueError('{} must be a positive number of seconds, or '
-                             '0 or None for never; got {!r}'.format(
-                                 field, value))
-        return seconds or None
+            pass
+        raise ValueError('{} must be a positive number of seconds, or 0 or '
+                         'None for never; got {!r}'.format(field, value))
 
     @classmethod
     def from_environment(cls, environ=os.environ):
@@ -137,9 +133,8 @@ def get_stall_policy():
 def wait(request, rank, describe, policy=None):
     """Completes a non-blocking collective, reporting a stall: spins on
     ``Test``, then yields the processor (to oversubscribed processes)."""
-    for _ in range(2000):
-        if request.Test():
-            return
+    if any(request.Test() for _ in range(2000)):
+        return
     policy = policy or _stall_policy
     start = time.monotonic()
     report_at = policy.timeout or math.inf
@@ -151,23 +146,20 @@ def wait(request, rank, describe, policy=None):
             continue
         report_at = math.inf
         line = ('multinode_bn: rank {} has waited {:.0f} s in {}; the others '
-                'have not joined. Likely causes: a process exited (under '
-                '`python -m mpi4py` one failure ends the job); processes '
-                'disagree on control flow (a link skipped, called out of '
-                'order or without its backward); links on different '
-                'communicators.'.format(rank, waited, describe()))
+                'have not joined. Likely causes: a process exited (`python -m '
+                'mpi4py` would end the job); processes disagree on control '
+                'flow (a link skipped, out of order, no backward); links on '
+                'different communicators.'.format(rank, waited, describe()))
         if abort:
-            line += (' Giving up (StallError); MULTINODE_BN_STALL_ABORT or '
-                     'set_stall_policy(abort_after=...) allow longer.')
+            line += ' Giving up; MULTINODE_BN_STALL_ABORT allows longer.'
         print(line, file=policy.stream or sys.stderr, flush=True)
         if abort or policy.action == 'raise':
             raise StallError(line)
 
 
 class MpiStatsExchange(object):
-    """A link's exchanges over MPI, all of one size (:attr:`width`) on a
-    communicator of their own, so that those of different links never pair.
-    CuPy buffers are staged through host memory (they are O(channels)).
+    """A link's exchanges over MPI, all of :attr:`width` values on a
+    communicator of their own: those of different links never pair.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm``, kept as given.
@@ -188,8 +180,7 @@ class MpiStatsExchange(object):
         return self  # a communicator is a process-wide resource
 
     def link_comm(self, describe):
-        """The exchange's own duplicate of the communicator, made at its
-        first exchange (``describe()``, for a stall report)."""
+        """The link's own duplicate of the communicator, made on first use."""
         if self._own is None:
             from mpi4py import MPI
             try:
@@ -198,13 +189,12 @@ class MpiStatsExchange(object):
                            'for the ' + describe(), own)
             except MPI.Exception as error:
                 raise RuntimeError(
-                    'multinode_bn: rank {}: no communicator for the {} ({}):'
-                    ' MPI allows a few thousand, one per live link that has '
-                    'exchanged. Keep fewer links alive, or share them between'
-                    ' copies of a model (copy.deepcopy and link.copy() do).'
-                    .format(self.rank, describe(), error.Get_error_string()))
+                    'multinode_bn: rank {}: no communicator for the {} ({}): '
+                    'MPI allows a few thousand, one per live link that has '
+                    'exchanged; keep fewer alive.'.format(
+                        self.rank, describe(), error.Get_error_string()))
             self._own = own
-            weakref.finalize(self, _free, own)
+            weakref.finalize(self, lambda: MPI.Is_finalized() or own.Free())
         return self._own
 
     def admit(self, describe):
@@ -229,18 +219,22 @@ class MpiStatsExchange(object):
         one collective of :attr:`width` values.
 
         Args:
-            buf: float64 NumPy or CuPy array, ``width - len(tag)`` values
-                at most.
+            buf: float64 NumPy or CuPy array, ``width - len(tag)`` or fewer.
             tag: float64 host vector (:func:`validation.exchange_tag`).
             describe: Returns what this call is, for a stall report.
-            proceed: For :class:`NcclStatsExchange` only.
+            proceed: Given the summed tag, whether NCCL may run.
         """
         if self.size == 1:
             return buf, tag
+        if self.width is None or len(tag) + buf.size > self.width:
+            raise ValueError('exchange of {} values on a link whose exchanges '
+                             'hold {}'.format(len(tag) + buf.size, self.width))
+        return self._sum(buf, tag, describe, proceed)
+
+    def _sum(self, buf, tag, describe, proceed):
         n = len(tag)
-        send = numpy.zeros(self._width(n, buf))
-        send[:n] = tag
-        send[n:n + buf.size] = to_host(buf).ravel()
+        send = numpy.concatenate([tag, to_host(buf).ravel(),
+                                  numpy.zeros(self.width - n - buf.size)])
         out = self._host_sum(send, describe)
         sums = out[n:n + buf.size].reshape(buf.shape)
         if type(buf) is not numpy.ndarray:
@@ -261,12 +255,6 @@ class MpiStatsExchange(object):
         self._wait(request, describe, send, out)
         return out
 
-    def _width(self, n, buf):
-        if self.width is None or n + buf.size > self.width:
-            raise ValueError('exchange of {} values on a link whose exchanges '
-                             'hold {}'.format(n + buf.size, self.width))
-        return self.width
-
     def _host_sum(self, send, describe):
         out = numpy.empty_like(send)
         request = self.link_comm(describe).Iallreduce(send, out)
@@ -277,17 +265,14 @@ class MpiStatsExchange(object):
         try:
             wait(request, self.rank, describe)
         except BaseException as error:
-            # Still in flight (a stall, an interrupt): what it may write to
-            # is kept for good, or a late completion would hit freed memory.
-            _ABANDONED.append((request, buffers, self._own))
+            _ABANDONED.append((request, buffers, self))
             self.stalled = '{} ({})'.format(describe(), type(error).__name__)
             raise
 
 
 class NcclStatsExchange(MpiStatsExchange):
-    """Sums statistics with NCCL on the current CUDA stream, in buffers
-    kept per device, stream and size. Tags and records go over MPI on the
-    host, so that processes learn whether they agree before NCCL runs.
+    """Sums statistics with NCCL on the current CUDA stream, if ``proceed``
+    accepts their tags, summed over MPI first (docs/gpu.md).
 
     Args:
         comm: ChainerMN's ``PureNcclCommunicator``.
@@ -297,17 +282,13 @@ class NcclStatsExchange(MpiStatsExchange):
         super(NcclStatsExchange, self).__init__(comm)
         self._buffers = {}
 
-    def allreduce_sums(self, buf, tag, describe=str, proceed=None):
-        """As :meth:`MpiStatsExchange.allreduce_sums` (the result a new
-        array), the device collective only if ``proceed(summed_tag)``."""
-        if self.size == 1:
-            return buf, tag
+    def _sum(self, buf, tag, describe, proceed):
         summed_tag = self._host_sum(tag, describe)
         if proceed is not None and not proceed(summed_tag):
             return buf, summed_tag
         import cupy
         from cupy.cuda import nccl
-        n = self._width(len(tag), buf) - len(tag)
+        n = self.width - len(tag)
         stream = cupy.cuda.get_current_stream()
         # Per stream too: another stream's kernels may still read a buffer.
         key = (cupy.cuda.Device().id, stream.ptr, n)
@@ -336,13 +317,6 @@ def to_host(a):
 
 
 def allgather_objects(comm, obj):
-    """Every process's picklable ``obj``, in rank order, for exchanges
-    that are not sums of a fixed size (``comm`` as for the links)."""
+    """Every process's picklable ``obj`` over ``comm``, in rank order."""
     mpi_comm = mpi_comm_of(comm)
     return [obj] if mpi_comm.Get_size() == 1 else mpi_comm.allgather(obj)
-
-
-def _free(comm):
-    from mpi4py import MPI
-    if not (MPI.Is_finalized() or any(c is comm for _, _, c in _ABANDONED)):
-        comm.Free()
