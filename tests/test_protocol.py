@@ -1111,6 +1111,8 @@ def test_stall_with_raise_action_raises_instead_of_hanging():
             with pytest.raises(communication.StallError, match='call 2'):
                 link(x)
             assert time.monotonic() - start < 10
+            # Its communicator, still in use, is not freed even at exit.
+            assert not link._impl_selector.protocol.exchange._free.alive
     finally:
         communication.set_stall_policy(previous.timeout, previous.action,
                                        previous.stream)

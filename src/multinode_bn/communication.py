@@ -172,7 +172,7 @@ class MpiStatsExchange(object):
         self.rank = self.base_comm.Get_rank()
         self.width = None  # values per summed exchange, set by its owner
         self.stalled = None  # what stalled, once StallError was raised
-        self._own = None
+        self._own = self._free = None
         self._owner = None  # a thread, not its ident, which may be reused
         self._owner_lock = threading.Lock()
 
@@ -194,7 +194,8 @@ class MpiStatsExchange(object):
                     'exchanged; keep fewer alive.'.format(
                         self.rank, describe(), error.Get_error_string()))
             self._own = own
-            weakref.finalize(self, lambda: MPI.Is_finalized() or own.Free())
+            self._free = weakref.finalize(
+                self, lambda: MPI.Is_finalized() or own.Free())
         return self._own
 
     def admit(self, describe):
@@ -266,6 +267,8 @@ class MpiStatsExchange(object):
             wait(request, self.rank, describe)
         except BaseException as error:
             _ABANDONED.append((request, buffers, self))
+            if self._free is not None:  # not even at exit: still in use
+                self._free.detach()
             self.stalled = '{} ({})'.format(describe(), type(error).__name__)
             raise
 
