@@ -88,12 +88,14 @@ local_moments(PyObject *self, PyObject *args)
             take(v + 1, shift, "shift", 1, C, 1, 'd', 1) ||
             take(v + 2, moments, "moments", 3, C, 1, 'd', 1))
         return finish(v, 0);
-    if (A == 0 || B == 0)
-        PyErr_SetString(PyExc_ValueError, "empty batch: no values to sum");
-    else if (!(scratch = PyMem_Malloc(2 * C * sizeof(double))))
+    if (A == 0 || B == 0) { /* no values: zero moments */
+        memset(v[2].buf, 0, v[2].len);
+        return finish(v, 1);
+    }
+    if (!(scratch = PyMem_Malloc(2 * C * sizeof(double)))) {
         PyErr_NoMemory();
-    if (!scratch)
         return finish(v, 0);
+    }
     Py_BEGIN_ALLOW_THREADS
     MNBN_LOOP(local_moments)(v[0].buf, A, C, B, tolerance, v[1].buf, v[2].buf,
                              scratch);

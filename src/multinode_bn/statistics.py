@@ -156,7 +156,9 @@ class ReferenceStatistics(object):
                 (u * v).sum(axis=(0, 2), dtype=MOMENTS_DTYPE))
 
     def local_moments(self, x3):
-        """Float64 ``(C, 3)`` moments of ``x3`` (which is not empty)."""
+        """Float64 ``(C, 3)`` moments of ``x3`` (zeros if it is empty)."""
+        if not x3.size:
+            return self.xp.zeros((x3.shape[1], 3), MOMENTS_DTYPE)
         x = x3.astype(self.dtype, copy=False)
         count = x.shape[0] * x.shape[2]
         shift = x[0, :, 0]

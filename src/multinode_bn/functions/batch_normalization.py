@@ -74,10 +74,7 @@ class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
         stats = cpu_kernels.choose_statistics(x, interm_dtype)
         layout = statistics.Layout.of(x, axis)
         x3 = layout.view(x)
-        if x3.size:
-            moments = stats.local_moments(x3)
-        else:
-            moments = xp.zeros((x3.shape[1], 3), statistics.MOMENTS_DTYPE)
+        moments = stats.local_moments(x3)
         moments, count = self.protocol.exchange_moments(
             self.call, moments, x3.shape[0] * x3.shape[2], eps,
             _nonfinite(moments))
