@@ -24,11 +24,10 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
     """Sets every batch normalization's statistics to those of a dataset.
 
     Each one's ``avg_mean``, ``avg_var`` and ``N`` become the exact mean,
-    unbiased variance and call count of its inputs over its communicator,
-    in a training-mode pass without backpropagation (docs/usage.md).
+    unbiased variance and call count of its inputs over its communicator.
 
     Args:
-        model (~chainer.Link): The model.
+        model (~chainer.Link): Run in training mode without backpropagation.
         iterator: This process's iterator over its shard of the data.
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of all processes.
         n_batches (int or None): Global batches to run; ``None`` runs until
@@ -125,7 +124,8 @@ def _run_batches(forward, iterator, comm, n_batches, converter, device,
         # For the others: None (no batch), zero samples like it, or an error.
         arguments = report = None
         try:
-            if n_batches is None and getattr(iterator, 'repeat', False):
+            if not exhausted and n_batches is None and getattr(
+                    iterator, 'repeat', False):
                 raise ValueError('n_batches=None needs an iterator that does '
                                  'not repeat; pass n_batches')
             batch = [] if exhausted else iterator.next()
