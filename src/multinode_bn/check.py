@@ -17,22 +17,20 @@ from multinode_bn import communication
 from multinode_bn import cpu_kernels
 from multinode_bn import validation
 
-#: Errors allowed against float64 NumPy, relative to the largest value.
+#: Errors allowed against the float64 reference, relative to its largest.
 TOLERANCE = {'float32': 1e-5, 'float64': 1e-12}
 EXIT_STALL = 2  # a process did not join in time
 #: The table's headings by column key; all but MAY_DIFFER must agree.
-COLUMNS = {'rank': 'rank', 'host': 'host', 'python': 'Python',
-           'numpy': 'NumPy', 'chainer': 'Chainer', 'mpi4py': 'mpi4py',
-           'multinode_bn': 'multinode_bn', 'mpi': 'MPI library',
-           'c_loops': 'C loops', 'cupy': 'CuPy', 'nccl': 'NCCL',
-           'devices': 'devices'}
+COLUMNS = dict(rank='rank', host='host', python='Python', numpy='NumPy',
+               chainer='Chainer', mpi4py='mpi4py', multinode_bn='multinode_bn',
+               mpi='MPI library', c_loops='C loops', cupy='CuPy', nccl='NCCL',
+               devices='devices')
 MAY_DIFFER = ('rank', 'host', 'devices')
 BATCH_SIZES = (1, 2, 3)  # the local batch of rank r: BATCH_SIZES[r % 3]
 CHANNELS, SPATIAL = 8, (5, 7)
-#: The link's parameters, and its ``decay`` and ``eps``.
 GAMMA = numpy.linspace(0.5, 1.5, CHANNELS)
 BETA = numpy.linspace(-1.0, 1.0, CHANNELS)
-DECAY, EPS = 0.9, 2e-5
+SETTINGS = dict(decay=0.9, eps=2e-5, initial_gamma=GAMMA, initial_beta=BETA)
 WIDTH = validation.TAG_LEN + 1 + 2 * CHANNELS  # of the link's exchange
 LATENCIES = ('link forward (training), C={}'.format(CHANNELS),
              'its exchange alone ({} float64, Iallreduce)'.format(WIDTH),
@@ -50,25 +48,21 @@ def describe_process():
             'multinode_bn': multinode_bn.__version__,
             'c_loops': 'yes' if cpu_kernels.available() else 'no',
             'cupy': '-', 'nccl': '-', 'devices': '-'}
-    try:
+    with contextlib.suppress(Exception):  # no CuPy, or CuPy without NCCL
         import cupy
-    except Exception:  # not installed, or not loadable here
-        return info
-    info.update(cupy=cupy.__version__, devices='none')
-    with contextlib.suppress(Exception):  # CuPy without NCCL
+        info.update(cupy=cupy.__version__, devices='none')
+        with contextlib.suppress(Exception):  # no device, or no driver
+            runtime = cupy.cuda.runtime
+            name = runtime.getDeviceProperties(0)['name'].decode()
+            info['devices'] = '{} x {}'.format(runtime.getDeviceCount(), name)
         from cupy.cuda import nccl
         v = nccl.get_version()
         info['nccl'] = '{}.{}.{}'.format(v // 10000, v // 100 % 100, v % 100)
-    with contextlib.suppress(Exception):  # no device, or no driver
-        runtime = cupy.cuda.runtime
-        name = runtime.getDeviceProperties(0)['name'].decode()
-        info['devices'] = '{} x {}'.format(runtime.getDeviceCount(), name)
     return info
 
 
 def format_table(rows):
-    """The table's lines, each value that must agree but differs from rank
-    0's marked ``*``; and the problems found."""
+    """The table's lines, a differing value marked ``*``, and the problems."""
     table, problems = [list(COLUMNS.values())], set()
     for row in rows:
         table.append([str(row[key]) for key in COLUMNS])
@@ -94,31 +88,42 @@ def run_link(link, x, gy):
     x = chainer.Variable(x)
     y = link(x)
     gx, ggamma, gbeta = chainer.grad([y], [x, link.gamma, link.beta], [gy])
-    return {'y': y.array, 'gx': gx.array, 'ggamma': ggamma.array,
-            'gbeta': gbeta.array, 'avg_mean': link.avg_mean,
-            'avg_var': link.avg_var}
+    return dict(y=y.array, gx=gx.array, ggamma=ggamma.array, gbeta=gbeta.array,
+                avg_mean=link.avg_mean, avg_var=link.avg_var)
 
 
-def synchronized_step(comm, dtype):
-    """This process's batch and our link's results on it."""
-    x, gy = local_batch(comm.rank, dtype)
-    link = multinode_bn.MultiNodeBatchNormalization(
-        CHANNELS, comm, decay=DECAY, eps=EPS, dtype=dtype,
-        initial_gamma=GAMMA.astype(dtype), initial_beta=BETA.astype(dtype))
-    link.label = 'multinode_bn.check ({})'.format(dtype)
-    return dict(run_link(link, x, gy), x=x, gy=gy)
+def gather_rows(comm, versions_override, calls):
+    """Every process's row: what it runs, and its results or its failure."""
+    row = dict(describe_process(), **(versions_override or {}), rank=comm.rank)
+    # The first collective: a process that never started is named here.
+    communication.wait(comm.Ibarrier(), comm.rank, lambda: 'multinode_bn.'
+                       'check, waiting for all {} processes to start'
+                       .format(comm.size))
+    try:
+        for dtype in TOLERANCE:
+            x, gy = local_batch(comm.rank, dtype)
+            link = multinode_bn.MultiNodeBatchNormalization(
+                CHANNELS, comm, dtype=dtype, **SETTINGS)
+            link.label = 'multinode_bn.check ({})'.format(dtype)
+            row[dtype] = dict(run_link(link, x, gy), x=x, gy=gy)
+        row['latency'] = measure_latency(comm, calls)
+    except communication.StallError:
+        raise
+    except Exception as e:  # then reported by every process
+        row['failure'] = 'rank {}: {!r}'.format(comm.rank, e)
+    communication.wait(comm.Ibarrier(), comm.rank, lambda:
+                       'multinode_bn.check, before gathering the results')
+    return communication.allgather_objects(comm, row)
 
 
 def measure_latency(comm, calls):
-    """Median seconds of each of :data:`LATENCIES`; the exchange is as the
-    link's: on a communicator of its own, the tag and the ``1 + 2C`` sums."""
+    """Median seconds of each of :data:`LATENCIES` (docs/usage.md)."""
     link = multinode_bn.MultiNodeBatchNormalization(CHANNELS, comm)
     link.label = 'multinode_bn.check (latency)'
     x = numpy.arange(4 * CHANNELS, dtype=numpy.float32).reshape(4, CHANNELS)
     exchange = communication.create_exchange(comm, 'mpi')
     exchange.width = WIDTH
-    tag = validation.exchange_tag(validation.exchange_digest('check'))
-    sums = numpy.zeros(1 + 2 * CHANNELS)
+    tag, sums = numpy.zeros(validation.TAG_LEN), numpy.zeros(1 + 2 * CHANNELS)
     send, receive = numpy.zeros(WIDTH), numpy.empty(WIDTH)
     timers = [timeit.Timer(step) for step in (
         lambda: link(x), lambda: exchange.allreduce_sums(sums, tag),
@@ -128,39 +133,24 @@ def measure_latency(comm, calls):
     return numpy.median(times, 0)
 
 
-def compare(runs, dtype):
-    """The report's line on every process's :func:`synchronized_step`
-    against Chainer's float64 ``L.BatchNormalization`` on the gathered
-    batch, and the problems found."""
-    got = {name: numpy.concatenate([run[name] for run in runs])
-           for name in ('x', 'gy', 'y', 'gx')}
-    ref = run_link(L.BatchNormalization(
-        CHANNELS, DECAY, EPS, numpy.float64, initial_gamma=GAMMA,
-        initial_beta=BETA), got.pop('x').astype(numpy.float64),
-        got.pop('gy').astype(numpy.float64))
-    # Parameter gradients add up over processes; the running statistics
-    # are rank 0's, if all are the same bits.
-    for name in ('ggamma', 'gbeta'):
+def compare(runs):
+    """Our link's results on every process against Chainer's float64 BN on
+    the gathered batch: the largest relative error, where, and whether the
+    running statistics are the same bits on every process."""
+    got = dict(runs[0])  # rank 0's running statistics
+    for name in ('x', 'gy', 'y', 'gx'):
+        got[name] = numpy.concatenate([run[name] for run in runs], dtype='f8')
+    for name in ('ggamma', 'gbeta'):  # summed over processes
         got[name] = sum(run[name].astype(numpy.float64) for run in runs)
-    got.update(avg_mean=runs[0]['avg_mean'], avg_var=runs[0]['avg_var'])
+    reference = L.BatchNormalization(CHANNELS, dtype=numpy.float64, **SETTINGS)
+    ref = run_link(reference, got.pop('x'), got.pop('gy'))
     errors = {name: numpy.nan_to_num(abs(got[name] - ref[name]).max(),
                                      nan=numpy.inf) / abs(ref[name]).max()
               for name in ref}
     worst = max(errors, key=errors.get)
-    ok = errors[worst] <= TOLERANCE[dtype]
     same = all(run[name].tobytes() == runs[0][name].tobytes()
                for run in runs for name in ('avg_mean', 'avg_var'))
-    line = ('  {}  max error {:.1e}{} (tolerance {:.0e}, worst: {})  '
-            'statistics bit-identical: {}'.format(
-                dtype, errors[worst], '' if ok else ' TOO LARGE',
-                TOLERANCE[dtype], worst, 'yes' if same else 'NO'))
-    problems = []
-    if not ok:
-        problems.append('{} error {:.1e} above {:.0e}'.format(
-            dtype, errors[worst], TOLERANCE[dtype]))
-    if not same:
-        problems.append(dtype + ' running statistics differ')
-    return line, problems
+    return errors[worst], worst, same
 
 
 def report(rows, calls):
@@ -178,10 +168,16 @@ def report(rows, calls):
     if failures:
         return (lines + ['  FAILED: ' + '; '.join(failures), ''],
                 problems + ['the link raised'])
-    for dtype in TOLERANCE:
-        line, found = compare([row[dtype] for row in rows], dtype)
-        lines.append(line)
-        problems += found
+    for dtype, tolerance in TOLERANCE.items():
+        error, worst, same = compare([row[dtype] for row in rows])
+        lines.append('  {}  max error {:.1e}{} (tolerance {:.0e}, worst: {})'
+                     '  statistics bit-identical: {}'.format(
+                         dtype, error, ' TOO LARGE' if error > tolerance
+                         else '', tolerance, worst, 'yes' if same else 'NO'))
+        if error > tolerance:
+            problems.append(dtype + ' error above tolerance')
+        if not same:
+            problems.append(dtype + ' running statistics differ')
     slowest = numpy.max([row['latency'] for row in rows], 0)
     lines += ['', 'median of {} calls, slowest process:'.format(calls)] + [
         '  {:<46} {:>6.0f} us'.format(what, 1e6 * seconds)
@@ -192,19 +188,17 @@ def report(rows, calls):
 
 
 def main(argv=None, comm=None, versions_override=None, stream=None):
-    """Runs the check on every process of ``comm``; rank 0 writes the
-    report. Returns the exit status, the same on every process.
+    """Runs the check on every process of ``comm``; returns the exit status.
 
     Args:
         argv (list of str): The options (default ``sys.argv[1:]``).
         comm: ``mpi4py.MPI.Comm`` (default ``MPI.COMM_WORLD``).
-        versions_override (dict): This process's values in the table to
-            replace, by column key, to simulate a mixed installation.
-        stream: Where rank 0 writes (default ``sys.stdout``).
+        versions_override (dict): This process's table values to replace,
+            by column key (to simulate a mixed installation).
+        stream: Where rank 0 writes the report (default ``sys.stdout``).
     """
     parser = argparse.ArgumentParser(
-        prog='python -m multinode_bn.check', description='Checks an MPI job '
-        'before a long run; run it as the job: `mpiexec -n N ...`.')
+        prog='mpiexec -n N python -m multinode_bn.check', description=__doc__)
     parser.add_argument('--timeout', type=float, default=30.0, help='seconds '
                         'to wait for the other processes at each step (30)')
     parser.add_argument('--calls', type=int, default=200,
@@ -212,35 +206,17 @@ def main(argv=None, comm=None, versions_override=None, stream=None):
     args = parser.parse_args(argv)
     comm = comm or MPI.COMM_WORLD
     started = timeit.default_timer()
-    row = dict(describe_process(), **(versions_override or {}),
-               rank=comm.rank)
     # Every wait, the links' too, ends after the timeout with a report.
     previous = multinode_bn.set_stall_policy(args.timeout, 'raise')
     try:
-        # The first collective: a process that never started is named here.
-        communication.wait(comm.Ibarrier(), comm.rank, lambda: 'multinode_bn.'
-                           'check, waiting for all {} processes to start'
-                           .format(comm.size))
-        try:
-            for dtype in TOLERANCE:
-                row[dtype] = synchronized_step(comm, dtype)
-            row['latency'] = measure_latency(comm, args.calls)
-        except communication.StallError:
-            raise
-        except Exception as e:  # then reported by every process
-            row['failure'] = 'rank {}: {!r}'.format(comm.rank, e)
-        communication.wait(comm.Ibarrier(), comm.rank, lambda:
-                           'multinode_bn.check, before gathering the results')
-        rows = communication.allgather_objects(comm, row)
+        rows = gather_rows(comm, versions_override, args.calls)
     except communication.StallError:
         # Every process that stalls says so: rank 0 may be the missing one.
-        print('multinode_bn check: FAILED (rank {} waited {:.0f} s for the '
-              'other processes; see the stall report above)'.format(
-                  comm.rank, args.timeout), file=stream, flush=True)
+        print('multinode_bn check: FAILED (rank {} waited {:.0f} s)'.format(
+            comm.rank, args.timeout), file=stream, flush=True)
         return EXIT_STALL
     finally:
-        multinode_bn.set_stall_policy(previous.timeout, previous.action,
-                                      previous.stream, previous.abort_after)
+        multinode_bn.set_stall_policy(*previous)
     lines, problems = report(rows, args.calls)
     lines.append('multinode_bn check: {} ({:.1f} s)'.format(
         'FAILED ({})'.format('; '.join(problems)) if problems else 'ok',

@@ -23,14 +23,11 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
                                  device=None, forward=None):
     """Sets every batch normalization's statistics to those of a dataset.
 
-    Runs ``model`` in training mode without backpropagation over the
-    batches of ``iterator`` and sets ``avg_mean``, ``avg_var`` and ``N`` of
-    each batch normalization to the exact mean, unbiased variance and
-    number of calls of its inputs on all processes of its communicator
-    (its own process for a plain ``L.BatchNormalization``).
+    Each one's ``avg_mean``, ``avg_var`` and ``N`` become the exact mean,
+    unbiased variance and call count of its inputs over its communicator.
 
     Args:
-        model (~chainer.Link): The model.
+        model (~chainer.Link): Run in training mode without backpropagation.
         iterator: This process's iterator over its shard of the data.
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of all processes.
         n_batches (int or None): Global batches to run; ``None`` runs until
@@ -47,31 +44,28 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
                          '{!r}'.format(n_batches))
     device = None if device is None else backend.get_device(device)
     # Not the subclasses: L.BatchRenormalization's statistics differ.
-    targets = {id(link): (path, link) for path, link in model.namedlinks()
+    targets = {link: path for path, link in model.namedlinks()
                if isinstance(link, MultiNodeBatchNormalization)
                or type(link) is L.BatchNormalization}
     recorder = _MomentRecorder(targets)
     with _persistents_kept(model), chainer.using_config('train', True), \
             chainer.using_config('enable_backprop', False):
         steps = _run_batches(model if forward is None else forward, iterator,
-                             communication.mpi_comm_of(comm), n_batches,
-                             converter, device, recorder)
+                             comm, n_batches, converter, device, recorder)
     merged = _merge_over_processes(targets, recorder.recorded)
     unseen = []
-    for key, (path, link) in targets.items():
-        moments, calls = merged.get(key, (None, 0))
+    for link, path in targets.items():
+        moments, calls = merged.get(link, (None, 0))
         if not calls or not moments[:, 0].all():
             unseen.append(path)
             continue
         mean, var = population_mean_and_variance(moments)
         for current, value in ((link.avg_mean, mean), (link.avg_var, var)):
-            current[...] = link.device.send(
-                value.reshape(current.shape).astype(current.dtype))
+            current[...] = link.device.send(value.reshape(current.shape))
         link.N = calls
     if unseen:
-        warnings.warn('update_population_statistics: {} received no input '
-                      'on any process and kept its statistics'.format(
-                          ', '.join(unseen)))
+        warnings.warn('update_population_statistics: {} received no input on '
+                      'any process; statistics kept'.format(', '.join(unseen)))
     return steps
 
 
@@ -79,8 +73,7 @@ def population_mean_and_variance(moments):
     """Mean and unbiased variance ``m2 / max(count - 1, 1)`` of moments.
 
     Args:
-        moments (numpy.ndarray): Merged float64 ``(count, mean, m2)`` of
-            each channel, ``(C, 3)``.
+        moments (numpy.ndarray): ``(C, 3)`` float64 ``(count, mean, m2)``.
     """
     count = moments[:, 0]
     return moments[:, 1].copy(), moments[:, 2] / numpy.maximum(count - 1, 1)
@@ -98,18 +91,17 @@ class _MomentRecorder(chainer.LinkHook):
     def forward_postprocess(self, args):
         # After the call: the link is initialized and the call succeeded.
         link = args.link
-        if id(link) not in self.targets:
+        if link not in self.targets:
             return
-        x = chainer.as_variable(args.args[0] if args.args
-                                else args.kwargs['x'])
+        x = args.args[0] if args.args else args.kwargs['x']
         # The axes as the link sees them (channel-last memory seen as NCHW).
-        x = backend.from_chx(x.as_layout(None).array)
+        x = backend.from_chx(chainer.as_variable(x).as_layout(None).array)
         axis = _bn._compute_axis(x.ndim, link.avg_mean.ndim, link.axis)
         moments = _local_moments(x, tuple(axis))
-        before, calls = self.recorded.get(id(link), (None, 0))
+        before, calls = self.recorded.get(link, (None, 0))
         if before is not None:
             moments = statistics.merge_moments(numpy, before, moments)
-        self.recorded[id(link)] = moments, calls + 1
+        self.recorded[link] = moments, calls + 1
 
 
 def _local_moments(x, axis):
@@ -122,7 +114,7 @@ def _local_moments(x, axis):
     return communication.to_host(reference.local_moments(layout.view(x)))
 
 
-def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
+def _run_batches(forward, iterator, comm, n_batches, converter, device,
                  recorder):
     """Runs the same number of recorded forward calls on every process."""
     # Chainer's iterators would divide by zero over an empty dataset.
@@ -131,38 +123,37 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
     while n_batches is None or step < n_batches:
         # For the others: None (no batch), zero samples like it, or an error.
         arguments = report = None
-        if not exhausted:
-            try:
-                if n_batches is None and getattr(iterator, 'repeat', False):
-                    raise ValueError('n_batches=None needs an iterator that '
-                                     'does not repeat; pass n_batches')
-                batch = iterator.next()
-                if len(batch):
-                    arguments = _arguments(convert._call_converter(
-                        converter, batch, device))
-                    report = _map_arrays(_no_samples, arguments)
-            except StopIteration:
-                exhausted = True
-            except Exception as e:
-                report = '{}: {}'.format(type(e).__name__, e)
-        reports = communication.allgather_objects(mpi_comm, report)
+        try:
+            if not exhausted and n_batches is None and getattr(
+                    iterator, 'repeat', False):
+                raise ValueError('n_batches=None needs an iterator that does '
+                                 'not repeat; pass n_batches')
+            batch = [] if exhausted else iterator.next()
+            if len(batch):
+                arguments = _arguments(convert._call_converter(
+                    converter, batch, device))
+                report = _map_arrays(_no_samples, arguments)
+        except StopIteration:
+            exhausted = True
+        except Exception as e:
+            report = '{}: {}'.format(type(e).__name__, e)
+        reports = communication.allgather_objects(comm, report)
         failed = [r for r, s in enumerate(reports) if isinstance(s, str)]
         if failed:
             raise RuntimeError(
                 'update_population_statistics (rank {}): batch {} failed on '
-                'rank(s) {}'.format(mpi_comm.rank, step, '; '.join(
+                'rank(s) {}'.format(comm.rank, step, '; '.join(
                     '{}: {}'.format(r, reports[r]) for r in failed)))
-        without_data = [r for r, s in enumerate(reports) if s is None]
-        if len(without_data) == len(reports):
+        no_data = [r for r, s in enumerate(reports) if s is None]
+        if len(no_data) == len(reports):
             break
-        if without_data:
+        if no_data:
             empty = next(s for s in reports if s is not None)
             if device is not None:
                 empty = _map_arrays(device.send, empty)
             if not probed:
                 probed = True
-                _probe_empty_batch(forward, empty, step, without_data,
-                                   mpi_comm.rank)
+                _probe_empty_batch(forward, empty, step, no_data, comm.rank)
             arguments = arguments or empty
         with recorder:
             forward(*arguments[0], **arguments[1])
@@ -172,11 +163,9 @@ def _run_batches(forward, iterator, mpi_comm, n_batches, converter, device,
 
 def _arguments(in_arrays):
     """The model's arguments, unpacked as by Chainer's ``Evaluator``."""
-    if isinstance(in_arrays, tuple):
-        return in_arrays, {}
     if isinstance(in_arrays, dict):
         return (), in_arrays
-    return (in_arrays,), {}
+    return (in_arrays if isinstance(in_arrays, tuple) else (in_arrays,)), {}
 
 
 def _map_arrays(function, arguments):
@@ -193,47 +182,42 @@ def _no_samples(array):
     return numpy.zeros((0,) + array.shape[1:], dtype=array.dtype)
 
 
-def _probe_empty_batch(forward, empty, step, without_data, rank):
-    """Tries the empty batch on every process, so that a model refusing it
-    (max pooling does) raises on all, not only where the others wait."""
+def _probe_empty_batch(forward, empty, step, no_data, rank):
+    """Runs the empty batch everywhere: a model refusing it raises on all."""
     try:
         with warnings.catch_warnings():
-            # Zero samples normalize nothing: the warnings would be false.
-            warnings.simplefilter('ignore')
+            warnings.simplefilter('ignore')  # zero samples: false alarms
             forward(*empty[0], **empty[1])
     except Exception as e:
         raise RuntimeError(
             'update_population_statistics (rank {}): rank(s) {} have no data '
             'for batch {} and the model does not accept an empty batch ({}: '
             '{}); use equal shards, or n_batches and repeating iterators'
-            .format(rank, ', '.join(map(str, without_data)), step,
+            .format(rank, ', '.join(map(str, no_data)), step,
                     type(e).__name__, str(e).strip().split('\n')[-1]))
 
 
-def _merge_over_processes(targets, recorded):
-    """``recorded`` merged over each synchronized link's communicator, in
-    rank order: the same bits on every process."""
+def _merge_over_processes(paths, recorded):
+    """``recorded`` merged in rank order: the same bits on every process."""
     merge = functools.partial(statistics.merge_moments, numpy)
     groups = {}  # id(mpi4py communicator) -> (it, its links in model order)
-    for key, (_, link) in targets.items():
+    for link in paths:
         if isinstance(link, MultiNodeBatchNormalization):
             mpi_comm = communication.mpi_comm_of(link.comm)
-            groups.setdefault(id(mpi_comm), (mpi_comm, []))[1].append(key)
-    for mpi_comm, keys in groups.values():
+            groups.setdefault(id(mpi_comm), (mpi_comm, []))[1].append(link)
+    for mpi_comm, links in groups.values():
         gathered = communication.allgather_objects(mpi_comm, [
-            (targets[key][0],) + recorded.get(key, (None, 0))
-            for key in keys])
-        seen = [[(path, calls, getattr(m, 'shape', None))
-                 for path, m, calls in per_rank] for per_rank in gathered]
-        if any(links != seen[0] for links in seen):
+            (paths[link],) + recorded.get(link, (None, 0)) for link in links])
+        seen = [[(path, calls) for path, _, calls in g] for g in gathered]
+        if any(s != seen[0] for s in seen):
             raise InconsistentInputError(
                 'update_population_statistics (rank {}): the processes ran '
-                'different models; (path, calls, shape) by rank: {}'.format(
+                'different models; (path, calls) by rank: {}'.format(
                     mpi_comm.rank, seen))
-        for i, key in enumerate(keys):
-            if key in recorded:
+        for i, link in enumerate(links):
+            if link in recorded:
                 moments = functools.reduce(merge, [g[i][1] for g in gathered])
-                recorded[key] = moments, recorded[key][1]
+                recorded[link] = moments, recorded[link][1]
     return recorded
 
 
