@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import platform
 import sys
+import time
 import timeit
 
 import chainer
@@ -230,6 +231,8 @@ def cli():
     """The command: exits with :func:`main`'s status, or ends the job."""
     code = main()
     if code == EXIT_STALL:
+        # The abort kills mpiexec's output forwarding: let it pass the report.
+        time.sleep(1.0)
         MPI.COMM_WORLD.Abort(code)
     sys.exit(code)
 
