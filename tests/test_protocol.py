@@ -597,9 +597,9 @@ def test_single_process_bad_input_errors_are_clear():
 
 
 def test_input_record_round_trip_and_local_problems():
-    record = validation.input_record(
-        (2, 3, 4, 5), numpy.float32, (3,), numpy.float32, (0, 2, 3), 'mpi',
-        'cpu', version='1.2.3')._replace(text='/bn call 4', nonfinite=True)
+    record = validation.InputRecord(
+        '1.2.3', '/bn call 4', (2, 3, 4, 5), (0, 2, 3), (3,), 'float32',
+        'float32', 'mpi', 'cpu', validation.OK, True)
     packed = record.pack()
     assert packed.shape == (validation.RECORD_LEN,)
     assert validation.InputRecord.unpack(packed) == record

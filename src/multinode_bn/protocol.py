@@ -130,10 +130,10 @@ class LinkProtocol(object):
             x_shape, x.dtype, gamma.shape, gamma.dtype, beta.dtype, axis,
             self.backend_name, x_device, p_device, beta_shape=beta.shape,
             running_shapes=[r.shape for r in running if r is not None])
-        record = validation.input_record(
-            x_shape, x.dtype, gamma.shape, gamma.dtype, axis,
-            self.backend_name, x_device, problem,
-            str(multinode_bn.__version__))
+        record = validation.InputRecord(
+            str(multinode_bn.__version__), '', x_shape, axis, gamma.shape,
+            x.dtype.name, gamma.dtype.name, self.backend_name, x_device,
+            problem, False)
         return record, repr(record.agreeing)
 
     def _check_records(self, kind, call, nonfinite=False):

@@ -22,12 +22,6 @@ SHIFT_TOLERANCE = 4.0
 EXCHANGE_SHIFT_TOLERANCE = 100.0
 
 
-def compute_dtype(dtype):
-    """float16's element-wise work runs in float32 (its squares overflow)."""
-    dtype = numpy.dtype(dtype)
-    return numpy.dtype(numpy.float32) if dtype.itemsize < 4 else dtype
-
-
 class Layout(object):
     """How an input ``x`` (its shape and strides) reduced over the sorted
     ``axis`` is seen as ``shape3 = (A, C, B)``, its axes taken in ``order``.
@@ -137,8 +131,8 @@ def merge_moments(xp, a, b):
 
 class ReferenceStatistics(object):
     """The plain statistics backend: the C loops' test oracle, the CPU
-    fallback and the GPU path. Element-wise work runs in
-    :func:`compute_dtype`; every sum accumulates in float64.
+    fallback and the GPU path. Element-wise work runs in ``dtype`` (float16's
+    in float32: its squares overflow); every sum accumulates in float64.
 
     Args:
         xp: ``numpy`` or ``cupy``.
@@ -149,7 +143,7 @@ class ReferenceStatistics(object):
 
     def __init__(self, xp, dtype):
         self.xp = xp
-        self.dtype = compute_dtype(dtype)
+        self.dtype = numpy.promote_types(dtype, numpy.float32)
 
     def _sums(self, u, v):  # per channel, in float64: sum u, sum u * v
         return (u.sum(axis=(0, 2), dtype=MOMENTS_DTYPE),

@@ -102,15 +102,6 @@ class InputRecord(collections.namedtuple('InputRecord', (
             self.backend, ' <- ' + self.problem if self.problem else '')
 
 
-def input_record(x_shape, x_dtype, param_shape, param_dtype, axis, backend,
-                 device, problem=OK, version=''):
-    """This process's :class:`InputRecord` (no text yet)."""
-    return InputRecord(
-        version, '', tuple(x_shape), tuple(axis), tuple(param_shape),
-        numpy.dtype(x_dtype).name, numpy.dtype(param_dtype).name, backend,
-        device, problem, False)
-
-
 class InconsistentInputError(ValueError):
     """Processes fed one synchronized BN inputs that cannot be combined."""
 

@@ -57,13 +57,8 @@ def _nonfinite(local):
 
 
 class MultiNodeBNImpl(_bn.GeneralBatchNormalizationImpl):
-    """Forward and backward of batch normalization over the global batch.
-
-    Args:
-        link_protocol (~multinode_bn.protocol.LinkProtocol): The link's
-            exchanges.
-        call (~multinode_bn.protocol.Call): The call being computed.
-    """
+    """Forward and backward over the global batch, for ``call`` of a link's
+    :class:`~multinode_bn.protocol.LinkProtocol`."""
 
     def __init__(self, link_protocol, call):
         self.protocol, self.call = link_protocol, call
