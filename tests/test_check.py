@@ -84,9 +84,12 @@ def test_table_marks_each_value_that_differs_from_rank_0():
     lines, problems = check.format_table(rows)
     assert problems == ['C loops differs', 'MPI library differs']
     assert lines[0].split()[:3] == ['rank', 'host', 'Python']
-    assert [line.split()[0] for line in lines[1:]] == ['0', '1', '2']
+    assert [line.split()[0] for line in lines[1:4]] == ['0', '1', '2']
     assert 'Open MPI v4.1.5*' in lines[3] and ' no* ' in lines[3]
     assert '*' not in lines[1] + lines[2]   # host, devices may differ
+    assert lines[4:] == [
+        '  * rank 2 has MPI library Open MPI v4.1.5 (rank 0: MPICH 4.2.1)',
+        '  * rank 2 has C loops no (rank 0: yes)']
 
 
 def test_cuda_columns_name_cupy_nccl_and_devices(monkeypatch):
@@ -110,7 +113,7 @@ def test_cuda_columns_name_cupy_nccl_and_devices(monkeypatch):
     del cupy.cuda.nccl
     info = check.describe_process()
     assert (info['cupy'], info['nccl'], info['devices']) == (
-        '13.3.0', '-', 'none')
+        '13.3.0', '-', 'none (RuntimeError)')
 
 
 def test_check_passes_in_one_process():

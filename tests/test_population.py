@@ -244,6 +244,46 @@ def test_tuple_batches_call_the_model_with_each_array():
                          h1.var(axis=0, ddof=1), 1e-10, 1e-12)
 
 
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_nested_batches_reach_processes_without_data_as_empty_ones():
+    comm = MPI.COMM_WORLD
+    sizes = shard_sizes('one_empty', comm.size)
+    data = dataset(7, sum(sizes))
+    mine = shards_of(data, sizes)[comm.rank]
+    model = build_model(comm)
+
+    def converter(batch, device=None):  # (x, (targets, weights))
+        x = chainer.dataset.concat_examples(batch, device)
+        return x, (x[:, 0], {'weights': x[:, 1:]})
+
+    it = chainer.iterators.SerialIterator(mine, 2, repeat=False,
+                                          shuffle=False)
+    steps = multinode_bn.update_population_statistics(
+        model, it, comm, converter=converter,
+        forward=lambda x, extra: model(x))
+    h1 = data @ model[0].W.array.T + model[0].b.array
+    with on_every_rank() as ranks:
+        check_statistics(ranks, model[1], h1.mean(axis=0),
+                         h1.var(axis=0, ddof=1), 1e-10, 1e-12)
+        assert steps == 3, steps
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_processes_with_different_models_raise_on_every_rank():
+    comm = MPI.COMM_WORLD
+    model, holder = build_model(comm), chainer.Chain()
+    with holder.init_scope():
+        holder.net = model
+        if comm.rank == 1:  # one more, never called: the models differ
+            holder.unused = multinode_bn.MultiNodeBatchNormalization(2, comm)
+    it = chainer.iterators.SerialIterator(dataset(8, 4), 2, repeat=False,
+                                          shuffle=False)
+    with pytest.raises(multinode_bn.InconsistentInputError,
+                       match=r'different batch normalizations[\s\S]*rank 1'):
+        multinode_bn.update_population_statistics(holder, it, comm,
+                                                  forward=model)
+
+
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_channel_last_inputs_are_recorded_on_their_logical_axes():
     comm = MPI.COMM_WORLD

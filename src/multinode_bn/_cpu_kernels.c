@@ -26,8 +26,9 @@
 #define MNBN_SHORT_RUN 17
 #define MNBN_SHORT_BLOCK 512
 #define MNBN_SHIFT_SAMPLE 16 /* leading values averaged for the shift */
-/* An entry's loop `name` for the element type of its x, v[0]. */
-#define MNBN_LOOP(name) (v->itemsize == 4 ? name##_f4 : name##_f8)
+/* The loop `name` for the element type of x, the buffer x_view. */
+#define MNBN_LOOP(x_view, name) \
+    ((x_view).itemsize == 4 ? name##_f4 : name##_f8)
 
 #define T float
 #define FN(name) name##_f4
@@ -73,7 +74,9 @@ finish(Py_buffer *v, int ran)
     for (int i = 0; i < 4; ++i)
         if (v[i].obj)
             PyBuffer_Release(&v[i]);
-    return ran ? Py_BuildValue("") : NULL;
+    if (!ran)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -97,8 +100,8 @@ local_moments(PyObject *self, PyObject *args)
         return finish(v, 0);
     }
     Py_BEGIN_ALLOW_THREADS
-    MNBN_LOOP(local_moments)(v[0].buf, A, C, B, tolerance, v[1].buf, v[2].buf,
-                             scratch);
+    MNBN_LOOP(v[0], local_moments)(v[0].buf, A, C, B, tolerance, v[1].buf,
+                                   v[2].buf, scratch);
     Py_END_ALLOW_THREADS
     PyMem_Free(scratch);
     return finish(v, 1);
@@ -116,7 +119,7 @@ normalize(PyObject *self, PyObject *args)
             take(v + 2, y, "y", A, C, B, *v->format, 1))
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    MNBN_LOOP(normalize)(v[0].buf, A, C, B, v[1].buf, v[2].buf);
+    MNBN_LOOP(v[0], normalize)(v[0].buf, A, C, B, v[1].buf, v[2].buf);
     Py_END_ALLOW_THREADS
     return finish(v, 1);
 }
@@ -134,7 +137,8 @@ backward_sums(PyObject *self, PyObject *args)
             take(v + 3, sums, "sums", 2, C, 1, 'd', 1))
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    MNBN_LOOP(backward_sums)(v[0].buf, v[1].buf, A, C, B, v[2].buf, v[3].buf);
+    MNBN_LOOP(v[0], backward_sums)(v[0].buf, v[1].buf, A, C, B, v[2].buf,
+                                   v[3].buf);
     Py_END_ALLOW_THREADS
     return finish(v, 1);
 }
@@ -152,7 +156,8 @@ input_gradient(PyObject *self, PyObject *args)
             take(v + 3, gx, "gx", A, C, B, *v->format, 1))
         return finish(v, 0);
     Py_BEGIN_ALLOW_THREADS
-    MNBN_LOOP(input_gradient)(v[0].buf, v[1].buf, A, C, B, v[2].buf, v[3].buf);
+    MNBN_LOOP(v[0], input_gradient)(v[0].buf, v[1].buf, A, C, B, v[2].buf,
+                                    v[3].buf);
     Py_END_ALLOW_THREADS
     return finish(v, 1);
 }

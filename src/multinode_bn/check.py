@@ -51,11 +51,13 @@ def describe_process():
             'cupy': '-', 'nccl': '-', 'devices': '-'}
     with contextlib.suppress(Exception):  # no CuPy, or CuPy without NCCL
         import cupy
-        info.update(cupy=cupy.__version__, devices='none')
-        with contextlib.suppress(Exception):  # no device, or no driver
+        info['cupy'] = cupy.__version__
+        try:
             runtime = cupy.cuda.runtime
             name = runtime.getDeviceProperties(0)['name'].decode()
             info['devices'] = '{} x {}'.format(runtime.getDeviceCount(), name)
+        except Exception as e:  # no device, or no driver
+            info['devices'] = 'none ({})'.format(type(e).__name__)
         from cupy.cuda import nccl
         v = nccl.get_version()
         info['nccl'] = '{}.{}.{}'.format(v // 10000, v // 100 % 100, v % 100)
@@ -63,17 +65,20 @@ def describe_process():
 
 
 def format_table(rows):
-    """The table's lines, a differing value marked ``*``, and the problems."""
-    table, problems = [list(COLUMNS.values())], set()
+    """The table's lines, each value that differs from rank 0's marked
+    ``*`` and listed below it, and the problems."""
+    table, listed, problems = [list(COLUMNS.values())], [], set()
     for row in rows:
         table.append([str(row[key]) for key in COLUMNS])
         for i, (key, heading) in enumerate(COLUMNS.items()):
             if key not in MAY_DIFFER and row[key] != rows[0][key]:
                 table[-1][i] += '*'
                 problems.add(heading + ' differs')
+                listed.append('  * rank {} has {} {} (rank 0: {})'.format(
+                    row['rank'], heading, row[key], rows[0][key]))
     widths = [max(map(len, column)) for column in zip(*table)]
     return ['  ' + '  '.join(c.ljust(w) for c, w in zip(cells, widths))
-            .rstrip() for cells in table], sorted(problems)
+            .rstrip() for cells in table] + listed, sorted(problems)
 
 
 def local_batch(rank, dtype):
@@ -146,8 +151,8 @@ def compare(runs):
     reference = L.BatchNormalization(CHANNELS, dtype=numpy.float64, **SETTINGS)
     ref = run_link(reference, got.pop('x'), got.pop('gy'))
     errors = {name: numpy.nan_to_num(abs(got[name] - ref[name]).max(),
-                                     nan=numpy.inf) / abs(ref[name]).max()
-              for name in ref}
+                                     nan=numpy.inf)
+              / max(abs(ref[name]).max(), 1e-300) for name in ref}
     worst = max(errors, key=errors.get)
     same = all(run[name].tobytes() == runs[0][name].tobytes()
                for run in runs for name in ('avg_mean', 'avg_var'))
@@ -199,7 +204,8 @@ def main(argv=None, comm=None, versions_override=None, stream=None):
         stream: Where rank 0 writes the report (default ``sys.stdout``).
     """
     parser = argparse.ArgumentParser(
-        prog='mpiexec -n N python -m multinode_bn.check', description=__doc__)
+        prog='python -m multinode_bn.check', description='Checks an MPI job '
+        'before a long run; run it as the job: `mpiexec -n N ...`.')
     parser.add_argument('--timeout', type=float, default=30.0, help='seconds '
                         'to wait for the other processes at each step (30)')
     parser.add_argument('--calls', type=int, default=200,

@@ -40,11 +40,12 @@ def select_backend(comm, communication_backend='auto'):
     backend = communication_backend
     if backend == 'auto':
         return 'nccl' if is_nccl_communicator(comm) else 'mpi'
-    if backend == 'mpi' or backend == 'nccl' and is_nccl_communicator(comm):
+    if backend == 'mpi' or (backend == 'nccl' and is_nccl_communicator(comm)):
         return backend
     raise ValueError("communication_backend must be 'mpi', 'auto', or 'nccl' "
-                     "with ChainerMN's PureNcclCommunicator; got {!r} with "
-                     "{}".format(backend, type(comm).__name__))
+                     "with ChainerMN's PureNcclCommunicator (chainermn.create_"
+                     "communicator('pure_nccl')); got {!r} with {}".format(
+                         backend, type(comm).__name__))
 
 
 def create_exchange(comm, backend):
@@ -83,13 +84,15 @@ class StallPolicy(collections.namedtuple(
 
     @staticmethod
     def _seconds(field, value):
+        """``value`` in seconds, ``None`` for never (``None`` or 0)."""
         try:
-            if value is None or 0 <= float(value) < math.inf:
-                return float(value or 0) or None
+            seconds = 0.0 if value is None else float(value)
         except (TypeError, ValueError):
-            pass
-        raise ValueError('{} must be a positive number of seconds, or 0 or '
-                         'None for never; got {!r}'.format(field, value))
+            seconds = math.nan
+        if not 0 <= seconds < math.inf:
+            raise ValueError('{} must be a positive number of seconds, or 0 '
+                             'or off for never; got {!r}'.format(field, value))
+        return seconds or None
 
     @classmethod
     def from_environment(cls, environ=os.environ):
@@ -133,8 +136,9 @@ def get_stall_policy():
 def wait(request, rank, describe, policy=None):
     """Completes a non-blocking collective, reporting a stall: spins on
     ``Test``, then yields the processor (to oversubscribed processes)."""
-    if any(request.Test() for _ in range(2000)):
-        return
+    for _ in range(2000):  # usually done in microseconds
+        if request.Test():
+            return
     policy = policy or _stall_policy
     start = time.monotonic()
     report_at = policy.timeout or math.inf
@@ -159,7 +163,8 @@ def wait(request, rank, describe, policy=None):
 
 class MpiStatsExchange(object):
     """A link's exchanges over MPI, all of :attr:`width` values on a
-    communicator of their own: those of different links never pair.
+    communicator of their own: those of different links never pair, and no
+    reduction meets buffers of different sizes.
 
     Args:
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm``, kept as given.
@@ -191,7 +196,8 @@ class MpiStatsExchange(object):
                 raise RuntimeError(
                     'multinode_bn: rank {}: no communicator for the {} ({}): '
                     'MPI allows a few thousand, one per live link that has '
-                    'exchanged; keep fewer alive.'.format(
+                    'exchanged: keep fewer alive, or share one link between '
+                    'copies of a model (copy.deepcopy shares it).'.format(
                         self.rank, describe(), error.Get_error_string()))
             self._own = own
             self._free = weakref.finalize(
@@ -200,7 +206,8 @@ class MpiStatsExchange(object):
 
     def admit(self, describe):
         """Raises unless the calling thread may exchange: not after a stall,
-        and only from the thread of the link's first call."""
+        and only from the thread of the link's first call (two threads'
+        exchanges would pair across processes in whatever order they come)."""
         if self.stalled:
             raise StallError('multinode_bn: rank {}: {} refused: {} stalled '
                              'and is still in flight. End the job.'.format(
@@ -216,15 +223,10 @@ class MpiStatsExchange(object):
                     self.rank, describe(), thread.name, self._owner.name))
 
     def allreduce_sums(self, buf, tag, describe=str, proceed=None):
-        """The sums over processes of ``buf`` (like it) and of ``tag``, in
-        one collective of :attr:`width` values.
-
-        Args:
-            buf: float64 NumPy or CuPy array, ``width - len(tag)`` or fewer.
-            tag: float64 host vector (:func:`validation.exchange_tag`).
-            describe: Returns what this call is, for a stall report.
-            proceed: Given the summed tag, whether NCCL may run.
-        """
+        """The sums over processes of ``buf`` (float64 NumPy or CuPy; like
+        it) and of the host ``tag``, in one collective of :attr:`width`
+        values. ``describe()`` names it in a stall report; ``proceed``, given
+        the summed tag, says whether NCCL may run."""
         if self.size == 1:
             return buf, tag
         if self.width is None or len(tag) + buf.size > self.width:

@@ -31,17 +31,9 @@ def serves(x, dtype):
 
 
 def choose_statistics(x, dtype):
-    """The statistics backend for input ``x`` computed in ``dtype``: the C
-    loops where :func:`serves` says so and ``MULTINODE_BN_CPU_KERNELS`` is
-    not ``0``, ``off``, ``false`` or ``no``; else the reference code.
-
-    Args:
-        x (numpy.ndarray or cupy.ndarray): The input.
-        dtype: The computation dtype (the input's promoted with gamma's).
-
-    Returns:
-        :class:`CpuStatistics` or ``statistics.ReferenceStatistics``.
-    """
+    """The statistics backend for input ``x`` computed in ``dtype`` (its
+    dtype promoted with gamma's): the C loops where :func:`serves` says so
+    and ``MULTINODE_BN_CPU_KERNELS`` allows, else the reference code."""
     if serves(x, dtype) and _enabled():
         return CpuStatistics(dtype)
     if (not available() and not _warned_without_loops
@@ -72,11 +64,8 @@ def _ready(a, dtype):
 
 
 class CpuStatistics(object):
-    """The statistics backend of the C loops.
-
-    Args:
-        dtype: float32 or float64, the dtype of the inputs.
-    """
+    """The C loops' statistics backend for inputs of ``dtype`` (float32 or
+    float64)."""
 
     name = 'C loops'
 

@@ -32,14 +32,10 @@ class PopulationStatistics(extension.Extension):
     def __init__(self, iterator, comm, n_batches=None, target=None,
                  converter=convert.concat_examples, device=None,
                  forward=None, trigger=(1, 'epoch')):
-        self.iterator = iterator
-        self.comm = comm
-        self.n_batches = n_batches
-        self.target = target
-        self.converter = converter
-        self.device = device
-        self.forward = forward
+        self.iterator, self.comm, self.target = iterator, comm, target
         self.trigger = trigger
+        self._options = dict(n_batches=n_batches, converter=converter,
+                             device=device, forward=forward)
 
     def __call__(self, trainer):
         model = (self.target if self.target is not None
@@ -49,9 +45,8 @@ class PopulationStatistics(extension.Extension):
             iterator.reset()
         else:
             iterator = copy.copy(iterator)
-        update_population_statistics(
-            model, iterator, self.comm, self.n_batches, self.converter,
-            self.device, self.forward)
+        update_population_statistics(model, iterator, self.comm,
+                                     **self._options)
 
     def finalize(self):
         if hasattr(self.iterator, 'finalize'):

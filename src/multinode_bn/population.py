@@ -32,14 +32,14 @@ def update_population_statistics(model, iterator, comm, n_batches=None,
         comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` of all processes.
         n_batches (int or None): Global batches to run; ``None`` runs until
             every process's iterator is exhausted (it must not repeat).
-        converter: As for Chainer's ``Evaluator``.
-        device: As for Chainer's ``Evaluator``.
+        converter, device: As for Chainer's ``Evaluator``.
         forward (callable): Called instead of ``model``, as by ``Evaluator``.
 
     Returns:
         int: The number of global batches run, equal on every process.
     """
-    if n_batches is not None and not (int(n_batches) == n_batches >= 0):
+    if n_batches is not None and (int(n_batches) != n_batches
+                                  or n_batches < 0):
         raise ValueError('n_batches must be a non-negative int or None; got '
                          '{!r}'.format(n_batches))
     device = None if device is None else backend.get_device(device)
@@ -116,7 +116,8 @@ def _run_batches(forward, iterator, comm, n_batches, converter, device,
                  recorder):
     """Runs the same number of recorded forward calls on every process."""
     # Chainer's iterators would divide by zero over an empty dataset.
-    exhausted = len(getattr(iterator, 'dataset', [None])) == 0
+    dataset = getattr(iterator, 'dataset', None)
+    exhausted = dataset is not None and len(dataset) == 0
     step, probed = 0, False
     while n_batches is None or step < n_batches:
         # For the others: None (no batch), zero samples like it, or an error.
@@ -152,7 +153,8 @@ def _run_batches(forward, iterator, comm, n_batches, converter, device,
             if not probed:
                 probed = True
                 _probe_empty_batch(forward, empty, step, no_data, comm.rank)
-            arguments = arguments or empty
+            if arguments is None:
+                arguments = empty
         with recorder:
             forward(*arguments[0], **arguments[1])
         step += 1
@@ -167,8 +169,12 @@ def _arguments(in_arrays):
 
 
 def _map_arrays(function, arguments):
-    return (tuple(map(function, arguments[0])),
-            {k: function(a) for k, a in arguments[1].items()})
+    """``function`` applied to each array in nested tuples and dicts."""
+    if isinstance(arguments, tuple):
+        return tuple(_map_arrays(function, a) for a in arguments)
+    if isinstance(arguments, dict):
+        return {k: _map_arrays(function, a) for k, a in arguments.items()}
+    return function(arguments)
 
 
 def _no_samples(array):
@@ -181,7 +187,9 @@ def _no_samples(array):
 
 
 def _probe_empty_batch(forward, empty, step, no_data, rank):
-    """Runs the empty batch everywhere: a model refusing it raises on all."""
+    """Runs the empty batch everywhere: were only the processes without
+    data to find that the model refuses it, they would raise alone while
+    the others wait in a synchronized call."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # zero samples: false alarms
@@ -190,7 +198,8 @@ def _probe_empty_batch(forward, empty, step, no_data, rank):
         raise RuntimeError(
             'update_population_statistics (rank {}): rank(s) {} have no data '
             'for batch {} and the model does not accept an empty batch ({}: '
-            '{}); use equal shards, or n_batches and repeating iterators'
+            '{}); use equal shards (chainermn.scatter_dataset), or '
+            'n_batches and repeating iterators'
             .format(rank, ', '.join(map(str, no_data)), step,
                     type(e).__name__, str(e).strip().split('\n')[-1]))
 
@@ -206,12 +215,15 @@ def _merge_over_processes(paths, recorded):
     for mpi_comm, links in groups.values():
         gathered = communication.allgather_objects(mpi_comm, [
             (paths[link],) + recorded.get(link, (None, 0)) for link in links])
-        seen = [[(path, calls) for path, _, calls in g] for g in gathered]
+        seen = [[(path, calls, getattr(m, 'shape', None))
+                 for path, m, calls in g] for g in gathered]
         if any(s != seen[0] for s in seen):
             raise InconsistentInputError(
-                'update_population_statistics (rank {}): the processes ran '
-                'different models; (path, calls) by rank: {}'.format(
-                    mpi_comm.rank, seen))
+                'update_population_statistics (rank {}): the processes saw '
+                'different batch normalizations (path, calls, moments shape):'
+                '\n{}\nEvery process must run the same model.'.format(
+                    mpi_comm.rank, '\n'.join('  rank {}: {}'.format(r, s)
+                                             for r, s in enumerate(seen))))
         for i, link in enumerate(links):
             if link in recorded:
                 moments = functools.reduce(merge, [g[i][1] for g in gathered])

@@ -76,10 +76,7 @@ class LinkProtocol(object):
         to update) on every process: by gathering records at the first call,
         later in the tag of its first exchange. A problem anywhere raises
         the same ``InconsistentInputError`` everywhere, before any output.
-
-        Returns:
-            Call: What the call's exchanges name.
-        """
+        Returns the :class:`Call` that the call's exchanges name."""
         self.exchange.admit(lambda: 'call of ' + self.label)
         self.calls += 1
         if name is not None:

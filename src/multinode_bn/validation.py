@@ -177,7 +177,8 @@ def tag_agrees(summed):
     """Whether a summed :func:`exchange_tag` shows one digest everywhere,
     no problem and no non-finite values. The pieces are all equal exactly
     when ``n * sum(d^2) == sum(d)^2`` (Cauchy-Schwarz): every process gets
-    the same answer from the sums alone (exact in float64)."""
+    the same answer from the sums alone: integers below ``2**53`` for up to
+    two million processes, exact in float64."""
     values = [int(v) for v in numpy.asarray(summed, numpy.float64).tolist()]
     n, pieces = values[0], values[1:-3]
     return values[-3] == values[-2] == 0 and all(

@@ -29,8 +29,7 @@ class MultiNodeBNImplSelector(object):
     holds the link's :class:`~multinode_bn.protocol.LinkProtocol`.
 
     Args:
-        comm: ChainerMN communicator or ``mpi4py.MPI.Comm`` whose processes
-            share batch statistics.
+        comm: ChainerMN communicator or ``mpi4py.MPI.Comm``.
         communication_backend_name (str): ``'mpi'``, ``'nccl'`` or ``'auto'``.
     """
 
@@ -253,7 +252,8 @@ class MultiNodeBatchNormalizationGrad(function_node.FunctionNode):
         ggy2 = bcast(u) * x_hat + bcast(v) + bcast(gamma * s) * a
         grads = (gx2, r_over_gamma * inv_p, ggy2)
         targets = self.get_retained_inputs()
-        return tuple(F.cast(grads[i], targets[i].dtype) for i in indexes)
+        return tuple(grads[i] if grads[i].dtype == targets[i].dtype
+                     else F.cast(grads[i], targets[i].dtype) for i in indexes)
 
 
 class AllreduceSum(function_node.FunctionNode):
@@ -297,11 +297,8 @@ def multi_node_batch_normalization(x, gamma, beta, comm, eps=2e-5,
                                    running_mean=None, running_var=None,
                                    decay=0.9, axis=None,
                                    communication_backend='auto', **kwargs):
-    """Batch normalization over the batch of all processes of ``comm``.
-
-    Mirrors :func:`chainer.functions.batch_normalization`, with statistics
-    computed over the concatenation of every process's ``x``. Local batch
-    sizes may differ between processes, and may be zero.
+    """:func:`chainer.functions.batch_normalization` over the batches of all
+    processes of ``comm`` together (of any sizes, even empty).
 
     Args:
         x, gamma, beta: Input, scale and shift (Variables or arrays).

@@ -72,12 +72,8 @@ class MultiNodeBatchNormalization(_bn_link.BatchNormalization):
     def forward(self, x, **kwargs):
         """forward(self, x, finetune=False)
 
-        Normalizes ``x`` (training mode: with the global batch statistics).
-
-        Args:
-            x (~chainer.Variable): Input.
-            finetune (bool): In training mode, accumulate the plain average
-                of the statistics instead of the moving one.
+        Normalizes ``x`` (training mode: with the global batch statistics;
+        ``finetune``: accumulating their plain average, not a moving one).
         """
         finetune, = argument.parse_kwargs(
             kwargs, ('finetune', False),
